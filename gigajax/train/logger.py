@@ -1,0 +1,98 @@
+"""Metrics out of the loop: metrics.jsonl, TensorBoard scalars, and a progress bar with ETA."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from tensorboardX import SummaryWriter
+
+
+class MetricsLogger:
+    """Fetches device metrics only every `log_every` steps, so the host never stalls the device."""
+
+    def __init__(self, workdir: Path, start_step: int, total_steps: int, log_every: int,
+                 tokens_per_step: int, *, progress: bool = True, peak_flops: float = 0.0,
+                 flops_per_token: float = 0.0):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+        self.log_every, self.total_steps = log_every, total_steps
+        self.tokens_per_step = tokens_per_step
+        self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(),
+                                 console=self.console, disable=not progress)
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                           status="compiling")
+        self.progress.start()
+        self.timer_start: float | None = None
+        self.timer_step = start_step
+        self.pending: list[dict] = []
+        self.eval_seconds = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines past the step we resume from: they belong to the run that crashed."""
+        if not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines()
+                 if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def info(self, message: str) -> None:
+        self.progress.console.print(message)
+
+    def record(self, step: int, metrics: dict[str, jax.Array],
+               eval_loss: float | None = None, eval_seconds: float = 0.0) -> None:
+        """Keep this step's (device) metrics; write a line at log steps, eval steps and the end.
+
+        Throughput counts training only: `eval_seconds` spent evaluating is left out.
+        """
+        self.eval_seconds += eval_seconds
+        self.pending.append(metrics)  # kept on device until the next logged step
+        self.progress.update(self.task, completed=step)
+        if self.timer_start is None:  # the first step compiles: time from its end
+            jax.block_until_ready(metrics)
+            self.timer_start, self.timer_step = time.perf_counter(), step
+            self.eval_seconds = 0.0
+        if step % self.log_every and eval_loss is None and step != self.total_steps:
+            return
+        last = jax.device_get(self.pending[-1])
+        self.pending = []
+        now = time.perf_counter()
+        row: dict[str, Any] = {"step": step, "loss": float(last["loss"]),
+                               "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"])}
+        if step > self.timer_step:
+            seconds = now - self.timer_start - self.eval_seconds
+            tokens_per_s = (step - self.timer_step) * self.tokens_per_step / seconds
+            row["tokens_per_s"] = tokens_per_s
+            if self.peak_flops > 0:
+                row["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        if eval_loss is not None:
+            row["eval_loss"] = eval_loss
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, step)
+        self.summary.update(row)
+        status = f"loss {row['loss']:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss else "")
+        self.progress.update(self.task, status=status)
+        self.info(f"step {step:>6}  " + "  ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+        self.timer_start, self.timer_step, self.eval_seconds = now, step, 0.0
+
+    def close(self) -> None:
+        self.progress.stop()
+        self.file.close()
+        self.tb.close()

@@ -1,0 +1,135 @@
+"""Optimizer and learning-rate schedule built from the `optim` config: clip -> adamw | adafactor | lion.
+
+Weight decay is decoupled and scaled by the schedule (AdamW, Loshchilov & Hutter 2019):
+p <- p - lr_t * (u_t + wd * p). The decay mask skips norms, biases and embeddings unless
+`optim.decay_norms_and_embeddings` is set; see `decay_mask` for the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gigajax.errors import ConfigError
+
+NAMES = ("adamw", "adafactor", "lion")
+SCHEDULES = ("cosine", "linear", "constant")
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NO_DECAY_KEYS = ("norm", "bias", "embed")
+
+
+def _fail(field: str, value: Any, allowed: str) -> NoReturn:
+    """Raise a ConfigError that names the field, the bad value and what is allowed."""
+    raise ConfigError(f"optim.{field} = {value!r} is not allowed; use {allowed}.")
+
+
+def _check(cfg: Any, total_steps: int) -> None:
+    """Validate every `optim` field up front, so a bad value fails before compiling anything."""
+    if cfg.name not in NAMES:
+        _fail("name", cfg.name, f"one of {NAMES}")
+    if cfg.schedule not in SCHEDULES:
+        _fail("schedule", cfg.schedule, f"one of {SCHEDULES}")
+    if cfg.moment_dtype not in MOMENT_DTYPES:
+        _fail("moment_dtype", cfg.moment_dtype, f"one of {tuple(MOMENT_DTYPES)}")
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ConfigError(f"total_steps = {total_steps!r} is not allowed; use an integer > 0.")
+    if not cfg.lr > 0:
+        _fail("lr", cfg.lr, "a value > 0")
+    if not 0 <= cfg.warmup_steps <= total_steps:
+        _fail("warmup_steps", cfg.warmup_steps, f"an integer in [0, total_steps={total_steps}]")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        _fail("min_lr_ratio", cfg.min_lr_ratio, "a value in [0, 1]")
+    if cfg.clip_norm is not None and cfg.clip_norm < 0:
+        _fail("clip_norm", cfg.clip_norm, "a value >= 0 (0 or None turns clipping off)")
+    if cfg.weight_decay < 0:
+        _fail("weight_decay", cfg.weight_decay, "a value >= 0")
+
+
+def make_schedule(
+    lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float
+) -> optax.Schedule:
+    """Linear warmup 0 -> lr over warmup_steps, then cosine/linear decay to lr*min_lr_ratio or flat."""
+    end = lr * min_lr_ratio
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        """Learning rate at optimizer step `step` (0-based; step warmup_steps is the peak)."""
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * step / max(warmup_steps, 1)
+        frac = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+        if kind == "cosine":  # end + (lr - end) * (1 + cos(pi * frac)) / 2
+            after = end + (lr - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+        elif kind == "linear":
+            after = lr + (end - lr) * frac
+        else:
+            after = jnp.full_like(frac, lr)
+        return jnp.where(step < warmup_steps, warm, after)
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight-decay mask (True = decay); norms, biases and embeddings are skipped.
+
+    A leaf gets no decay when its path (`keystr`, lower-cased) contains 'norm', 'bias' or 'embed',
+    or when it has ndim <= 1. The path test matters because blocks stacked for `nnx.scan` hold norm
+    scales as [n_layers, D] and biases as [n_layers, F]: 2-D, yet still norms and biases.
+    Works on plain dicts and on an `nnx.State` of Params (Variables are pytree nodes).
+    """
+
+    def decay(path: tuple, leaf: Any) -> bool:
+        name = jax.tree_util.keystr(path).lower()
+        ndim = len(getattr(leaf, "shape", ()))
+        return ndim > 1 and not any(key in name for key in NO_DECAY_KEYS)
+
+    return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def make_optimizer(
+    optim_cfg: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Build clip -> optimizer (with schedule and masked decoupled weight decay) from `optim`.
+
+    adafactor: `lr` is an absolute step size (multiply_by_parameter_scale=False), like adamw's; it
+    keeps no first moment (momentum=None, the memory-saving default), so `moment_dtype` is ignored;
+    its factored second moments are float32. `b1`, `b2`, `eps` are not used by adafactor (its eps is
+    the RMS floor 1e-30). Its decay goes through `weight_decay_rate=wd * schedule`, which optax adds
+    after the lr scaling, so the update is -lr_t * (u_t + wd * p) as in adamw.
+    """
+    cfg = optim_cfg
+    _check(cfg, total_steps)
+    schedule = make_schedule(cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
+    mask: Callable[[Any], Any] | None = (
+        None if cfg.get("decay_norms_and_embeddings", False) else decay_mask
+    )
+    mu_dtype = MOMENT_DTYPES[cfg.moment_dtype]
+    wd = float(cfg.weight_decay)
+
+    if cfg.name == "adamw":
+        opt = optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            mu_dtype=mu_dtype,
+            weight_decay=wd,
+            mask=mask,
+        )
+    elif cfg.name == "lion":
+        opt = optax.lion(
+            schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype, weight_decay=wd, mask=mask
+        )
+    else:
+        opt = optax.adafactor(
+            learning_rate=schedule,
+            multiply_by_parameter_scale=False,
+            weight_decay_rate=(lambda count: wd * schedule(count)) if wd > 0 else None,
+            weight_decay_mask=mask,
+        )
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    return optax.chain(clip, opt), schedule

@@ -1,0 +1,231 @@
+"""Attention kernels against a float64 numpy oracle with an explicit mask, and against jax.nn."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gigajax.errors import ConfigError
+from gigajax.ops.attention import (
+    ATTENTION_IMPLS,
+    MASKED_LSE,
+    blockwise_attention,
+    blockwise_attention_bwd,
+    blockwise_attention_fwd,
+    dot_product_attention,
+    reference_attention,
+)
+
+# Each case: shapes (B, T, S, H, K, E), mask kwargs, block sizes. Lengths 37 and 50 are not
+# multiples of the blocks; block 64 > 50 checks clipping.
+CASES = {
+    "causal_gqa": dict(shape=(2, 37, 37, 4, 2, 8), causal=True, blocks=(16, 16)),
+    "causal_mqa": dict(shape=(1, 37, 37, 4, 1, 8), causal=True, blocks=(8, 16)),
+    "causal_mha_one_block": dict(shape=(2, 24, 24, 2, 2, 16), causal=True, blocks=(64, 64)),
+    "noncausal_t_ne_s": dict(shape=(2, 37, 50, 4, 2, 8), causal=False, blocks=(16, 16)),
+    "packed_segments": dict(shape=(2, 37, 37, 4, 2, 8), causal=True, blocks=(16, 8),
+                            segments=True),
+    "noncausal_segments": dict(shape=(1, 33, 33, 2, 1, 8), causal=False, blocks=(16, 16),
+                               segments=True),
+    "sliding_window": dict(shape=(2, 37, 37, 4, 2, 8), causal=True, blocks=(16, 16), window=5),
+    "noncausal_window": dict(shape=(1, 37, 37, 2, 1, 8), causal=False, blocks=(16, 16),
+                             window=7),
+    "permuted_positions": dict(shape=(2, 32, 32, 4, 2, 8), causal=True, blocks=(8, 8),
+                               permute=True),
+    "fully_masked_rows": dict(shape=(2, 37, 37, 4, 2, 8), causal=True, blocks=(16, 16),
+                              segments=True, orphan=True),
+}
+
+
+def make_case(name, dtype=jnp.float32, seed=0):
+    """Random q, k, v, output/lse cotangents, mask kwargs and the explicit [B,T,S] mask."""
+    c = CASES[name]
+    b, t, s, h, kh, e = c["shape"]
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32)
+               for shape in ((b, t, h, e), (b, s, kh, e), (b, s, kh, e)))
+    dout = rng.standard_normal((b, t, h, e)).astype(np.float32)
+    dlse = rng.standard_normal((b, h, t)).astype(np.float32)
+    q_pos, kv_pos = np.tile(np.arange(t), (b, 1)), np.tile(np.arange(s), (b, 1))
+    kwargs = dict(causal=c["causal"], sliding_window=c.get("window"))
+    if c.get("permute"):  # a zigzag-like layout: positions are a permutation, not arange
+        q_pos = np.stack([rng.permutation(t) for _ in range(b)])
+        kv_pos = q_pos.copy()
+        kwargs.update(q_positions=jnp.asarray(q_pos, jnp.int32),
+                      kv_positions=jnp.asarray(kv_pos, jnp.int32))
+    dist = q_pos[:, :, None] - kv_pos[:, None, :]
+    mask = np.ones((b, t, s), bool)
+    if c["causal"]:
+        mask &= dist >= 0
+    if c.get("window"):
+        mask &= dist < c["window"]
+    if c.get("segments"):  # packed documents: sorted ids 0..3 with random boundaries
+        q_seg = np.sort(rng.integers(0, 4, (b, t)), axis=1)
+        kv_seg = q_seg.copy() if s == t else np.sort(rng.integers(0, 4, (b, s)), axis=1)
+        if c.get("orphan"):  # queries whose segment no key has: rows with nothing allowed
+            q_seg[0, 5] = q_seg[1, -1] = 99
+        mask &= q_seg[:, :, None] == kv_seg[:, None, :]
+        kwargs.update(q_segment_ids=jnp.asarray(q_seg, jnp.int32),
+                      kv_segment_ids=jnp.asarray(kv_seg, jnp.int32))
+    arrays = [jnp.asarray(x, dtype) for x in (q, k, v, dout)] + [jnp.asarray(dlse)]
+    return arrays, kwargs, mask, c["blocks"]
+
+
+def numpy_attention(q, k, v, dout, dlse, mask):
+    """float64 oracle: out, lse and the softmax-Jacobian gradients of sum(out*dout)+sum(lse*dlse)."""
+    q, k, v, dout, dlse = (np.asarray(x, np.float64) for x in (q, k, v, dout, dlse))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    scale = 1 / np.sqrt(q.shape[-1])
+    s = np.where(mask[:, None], np.einsum("bthe,bshe->bhts", q, k) * scale, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    p = np.exp(s - m)
+    denom = p.sum(-1, keepdims=True)
+    p = p / np.where(denom > 0, denom, 1)
+    out = np.einsum("bhts,bshe->bthe", p, v)
+    lse = np.where(denom[..., 0] > 0, np.log(np.maximum(denom[..., 0], 1e-300)) + m[..., 0],
+                   MASKED_LSE)
+    dp = np.einsum("bthe,bshe->bhts", dout, v)
+    delta = np.einsum("bthe,bthe->bht", dout, out)
+    ds = p * (dp - delta[..., None] + dlse[..., None]) * scale
+    dq = np.einsum("bhts,bshe->bthe", ds, k)
+    dk = np.einsum("bhts,bthe->bshe", ds, q)
+    dv = np.einsum("bhts,bthe->bshe", p, dout)
+    fold = lambda x: x.reshape(*x.shape[:2], -1, g, x.shape[-1]).sum(3)  # noqa: E731
+    return out, lse, dq, fold(dk), fold(dv)
+
+
+def assert_close(actual, expected, rtol, floor=0.1):
+    """Relative tolerance per element, plus an absolute floor of floor * rtol * max|expected|."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    atol = floor * rtol * max(np.abs(expected).max(), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def grads_of(fn, q, k, v, dout, dlse):
+    """(out, lse, dq, dk, dv) for the scalar sum(out * dout) + sum(lse * dlse)."""
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * dout) + jnp.sum(lse * dlse), (out, lse)
+    grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, lse, *grads)
+
+
+def blockwise(kwargs, blocks):
+    return functools.partial(blockwise_attention, **kwargs, block_q=blocks[0], block_kv=blocks[1])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_blockwise_out_lse_and_grads_match_numpy_fp32(name):
+    (q, k, v, dout, dlse), kwargs, mask, blocks = make_case(name)
+    expected = numpy_attention(q, k, v, dout, dlse, mask)
+    actual = grads_of(blockwise(kwargs, blocks), q, k, v, dout, dlse)
+    for a, e, what in zip(actual, expected, ("out", "lse", "dq", "dk", "dv")):
+        assert np.isfinite(np.asarray(a)).all(), what
+        assert_close(a, e, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_out_lse_and_grads_match_numpy_fp32(name):
+    (q, k, v, dout, dlse), kwargs, mask, _ = make_case(name)
+    expected = numpy_attention(q, k, v, dout, dlse, mask)
+    actual = grads_of(functools.partial(reference_attention, **kwargs), q, k, v, dout, dlse)
+    for a, e in zip(actual, expected):
+        assert np.isfinite(np.asarray(a)).all()
+        assert_close(a, e, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "packed_segments", "noncausal_t_ne_s"])
+def test_lse_grads_match_reference_autodiff(name):
+    (q, k, v, _, dlse), kwargs, _, blocks = make_case(name, seed=1)
+    zero = jnp.zeros_like(q)
+    ref = grads_of(functools.partial(reference_attention, **kwargs), q, k, v, zero, dlse)
+    ours = grads_of(blockwise(kwargs, blocks), q, k, v, zero, dlse)
+    for a, e in zip(ours[2:], ref[2:]):
+        assert_close(a, e, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "packed_segments", "sliding_window"])
+def test_blockwise_bf16_matches_fp32_oracle(name):
+    (q, k, v, dout, dlse), kwargs, mask, blocks = make_case(name, dtype=jnp.bfloat16)
+    expected = numpy_attention(q, k, v, dout, dlse, mask)  # f64 of the bf16-rounded inputs
+    actual = grads_of(blockwise(kwargs, blocks), q, k, v, dout, dlse)
+    assert actual[0].dtype == jnp.bfloat16 and actual[1].dtype == jnp.float32
+    assert all(x.dtype == jnp.bfloat16 for x in actual[2:])
+    # P and dS are rounded to bf16 for the matmuls (as in FlashAttention-2), so where a sum
+    # cancels only the error relative to the largest entry is meaningful: 2e-2 of it.
+    for a, e in zip(actual, expected):
+        assert_close(a, e, rtol=2e-2, floor=1.0)
+
+
+def test_fully_masked_rows_give_zero_out_masked_lse_and_finite_grads():
+    (q, k, v, dout, dlse), kwargs, _, blocks = make_case("fully_masked_rows")
+    for fn in (blockwise(kwargs, blocks), functools.partial(reference_attention, **kwargs)):
+        out, lse, *grads = grads_of(fn, q, k, v, dout, dlse)
+        assert np.all(np.asarray(out)[0, 5] == 0) and np.all(np.asarray(out)[1, -1] == 0)
+        assert np.all(np.asarray(lse)[0, :, 5] == MASKED_LSE)
+        assert np.all(np.asarray(grads[0])[0, 5] == 0)
+        assert all(np.isfinite(np.asarray(x)).all() for x in (out, lse, *grads))
+
+
+def test_fwd_and_bwd_pieces_match_the_custom_vjp():
+    (q, k, v, dout, dlse), kwargs, _, blocks = make_case("packed_segments")
+    kw = dict(kwargs, block_q=blocks[0], block_kv=blocks[1])
+    out, lse = blockwise_attention_fwd(q, k, v, **kw)
+    dq, dk, dv = blockwise_attention_bwd(q, k, v, out, lse, dout, dlse, **kw)
+    _, _, *grads = grads_of(blockwise(kwargs, blocks), q, k, v, dout, dlse)
+    for a, e in zip((dq, dk, dv), grads):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_blockwise_saves_only_inputs_out_lse_and_positions():
+    (q, k, v, *_), kwargs, _, blocks = make_case("causal_gqa")
+    _, vjp_fn = jax.vjp(blockwise(kwargs, blocks), q, k, v)
+    b, t, h, _ = q.shape
+    shapes = sorted(x.shape for x in jax.tree.leaves(vjp_fn))
+    assert shapes == sorted([q.shape, k.shape, v.shape, q.shape, (b, h, t), (b, t), (b, t)])
+    _, vjp_fn = jax.vjp(functools.partial(reference_attention, **kwargs), q, k, v)
+    assert max(x.size for x in jax.tree.leaves(vjp_fn)) >= t * t * h  # the check can fail
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_blockwise_matches_jax_nn_xla_on_rows_with_a_key(name):
+    (q, k, v, *_), kwargs, mask, blocks = make_case(name)
+    out, _ = blockwise(kwargs, blocks)(q, k, v)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[:, None],
+                                            implementation="xla")
+    rows = mask.any(-1)  # jax.nn averages v over a row with no allowed key
+    assert_close(np.asarray(out)[rows], np.asarray(expected)[rows], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "noncausal_t_ne_s", "sliding_window"])
+def test_blockwise_matches_jax_nn_native_causal_and_window(name):
+    (q, k, v, *_), kwargs, _, blocks = make_case(name)
+    window = kwargs["sliding_window"]
+    expected = jax.nn.dot_product_attention(
+        q, k, v, is_causal=kwargs["causal"], implementation="xla",
+        local_window_size=None if window is None else (window - 1, 0))
+    assert_close(blockwise(kwargs, blocks)(q, k, v)[0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "noncausal_t_ne_s", "sliding_window",
+                                  "noncausal_window", "permuted_positions", "fully_masked_rows"])
+def test_dispatcher_xla_and_reference_match_blockwise(name):
+    (q, k, v, *_), kwargs, _, blocks = make_case(name)
+    kw = dict(kwargs, block_q=blocks[0], block_kv=blocks[1])
+    expected = dot_product_attention(q, k, v, impl="blockwise", **kw)
+    for impl in ("xla", "reference"):
+        assert_close(dot_product_attention(q, k, v, impl=impl, **kw), expected, rtol=1e-5)
+
+
+def test_dispatcher_rejects_cudnn_off_gpu_and_unknown_impls():
+    (q, k, v, *_), kwargs, _, _ = make_case("causal_mha_one_block")
+    assert ATTENTION_IMPLS == ("reference", "blockwise", "xla", "cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ConfigError, match=r"attention\.impl.*'blockwise'"):
+            dot_product_attention(q, k, v, impl="cudnn", **kwargs)
+    with pytest.raises(ConfigError, match=r"attention\.impl='flash'.*'xla'"):
+        dot_product_attention(q, k, v, impl="flash", **kwargs)
