@@ -287,9 +287,9 @@ def dot_product_attention(
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"attention.impl='cudnn' needs a GPU (backend is "
                           f"{jax.default_backend()!r}); use one of {ATTENTION_IMPLS[:3]}")
-    masks = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                 sliding_window=sliding_window, scale=scale)
+    masks = {"causal": causal, "q_positions": q_positions, "kv_positions": kv_positions,
+             "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids,
+             "sliding_window": sliding_window, "scale": scale}
     if impl == "reference":
         return reference_attention(q, k, v, **masks)[0]
     if impl == "blockwise":

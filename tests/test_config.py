@@ -1,0 +1,91 @@
+"""Config loading, overrides and validation: every bad value is a ConfigError naming its field."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gigajax.config import ModelConfig, apply_override, base_config, load_config
+from gigajax.errors import ConfigError
+from gigajax.mesh import mesh_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "llama2_7b", "llama3_8b"])
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.py")
+    model = ModelConfig.from_config(cfg)
+    assert model.head_dim * model.n_heads >= model.d_model // 2
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["--config.train.steps=7", "--config.optim.lr=1", "--config.model."
+                             "scan_layers=false", "--config.model.dtype=bfloat16",
+                             "--config.model.rope_scaling.factor=4"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.scan_layers is False and cfg.model.dtype == "bfloat16"
+    assert cfg.model.rope_scaling.factor == 4.0
+
+
+BAD = [
+    ("model.n_kv_heads=3", "model.n_kv_heads"),
+    ("model.d_model=130", "model.d_model"),
+    ("model.dtype=float8", "model.dtype"),
+    ("model.remat=some", "model.remat"),
+    ("model.rope_scaling.type=ntk", "model.rope_scaling.type"),
+    ("model.rope_scaling.factor=0.5", "model.rope_scaling.factor"),
+    ("model.sliding_window=-1", "model.sliding_window"),
+    ("model.n_layers=0", "model.n_layers"),
+    ("attention.impl=flash3", "attention.impl"),
+    ("attention.block_q=0", "attention.block_q"),
+    ("data.seq_len=100000", "data.seq_len"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("train.microbatches=3", "train.microbatches"),
+    ("train.steps=-5", "train.steps"),
+    ("mesh.tensor=2", "mesh.tensor"),
+    ("mesh.data=0", "mesh.data"),
+    ("model.head_dim=7", "model.head_dim"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_name_their_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(TINY, ["--config." + override])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.stepz=3", "Unknown config field 'train.stepz'"),
+    ("trian.steps=3", "Unknown config section 'trian'"),
+    ("train.steps=many", "train.steps"),
+    ("train.steps", "form"),
+])
+def test_bad_overrides_are_explained(override, expected):
+    cfg = base_config()
+    with pytest.raises(ConfigError, match=expected):
+        apply_override(cfg, override)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ROOT / "configs" / "nope.py")
+
+
+def test_mesh_product_must_match_devices():
+    cfg = base_config()
+    cfg.mesh.data = 3
+    with pytest.raises(ConfigError, match="data=3"):
+        mesh_shape(cfg.mesh, 8)
+    cfg.mesh.data = -1
+    assert mesh_shape(cfg.mesh, 8)["data"] == 8
+
+
+def test_cli_prints_config_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
+         str(tmp_path), "--config.model.n_kv_heads=3"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "model.n_kv_heads" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,154 @@
+"""Decoder behaviour: causality, document isolation, scan == unrolled, remat == no remat."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gigajax.config import ModelConfig, base_config
+from gigajax.model import Decoder
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def model_config(**overrides) -> ModelConfig:
+    cfg = base_config()
+    cfg.model.update(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                     max_seq_len=64)
+    cfg.attention.update(block_q=8, block_kv=8)
+    return dataclasses.replace(ModelConfig.from_config(cfg), **overrides)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    with nnx.use_eager_sharding(False):
+        return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def forward(model: Decoder, *args):
+    """Jitted logits (eager op-by-op dispatch is far slower on CPU)."""
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda params, *a: nnx.merge(graphdef, params)(*a))(params, *args)
+
+
+def tokens(batch=2, length=24, vocab=64, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
+
+
+def param_grads(model: Decoder, toks, **kwargs):
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(toks, **kwargs)
+        return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(toks.shape[1]))
+
+    return jax.jit(jax.grad(loss))(params)
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+    """Every leaf agrees to `rtol` relative to that leaf's largest magnitude (fp32: 1e-5)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert np.max(np.abs(x - y)) <= rtol * np.max(np.abs(y)), np.max(np.abs(x - y))
+
+
+def test_logits_shape_and_dtype():
+    logits = forward(make_model(model_config()), tokens())
+    assert logits.shape == (2, 24, 64) and logits.dtype == jnp.float32
+
+
+def test_causality_through_gradients():
+    """The logit at position t gets no gradient from input tokens at positions > t."""
+    cfg = model_config()
+    model = make_model(cfg)
+    toks = jnp.arange(24)[None, :]  # token id == position, so embedding rows name positions
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def embed_grad(params, t):
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(toks)[0, t]))(params)["embed"]
+
+    for t in (0, 7, 23):
+        row_norms = np.linalg.norm(np.asarray(embed_grad(params, t)[...]), axis=1)
+        assert np.all(row_norms[: t + 1] > 0)
+        np.testing.assert_array_equal(row_norms[t + 1:], 0.0)
+
+
+def test_segment_ids_isolate_documents():
+    """A packed document gives the same logits as the document alone at positions from 0."""
+    model = make_model(model_config())
+    doc_a, doc_b = tokens(1, 10, seed=2), tokens(1, 14, seed=3)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    positions = jnp.concatenate([jnp.arange(10), jnp.arange(14)])[None]
+    segments = jnp.concatenate([jnp.ones(10, jnp.int32), 2 * jnp.ones(14, jnp.int32)])[None]
+    logits = forward(model, packed, positions, segments)
+    np.testing.assert_allclose(logits[:, :10], forward(model, doc_a), **FP32)
+    np.testing.assert_allclose(logits[:, 10:], forward(model, doc_b), **FP32)
+
+
+def test_sliding_window_limits_context():
+    """With window w, the logit at t ignores tokens at positions <= t - w."""
+    model = make_model(model_config(sliding_window=4, n_layers=1))
+    toks = tokens(1, 16)
+    changed = toks.at[0, 3].set((toks[0, 3] + 1) % 64)
+    a, b = forward(model, toks), forward(model, changed)
+    np.testing.assert_allclose(a[:, 8:], b[:, 8:], **FP32)  # 8 - 3 > 4: outside the window
+    assert not np.allclose(a[:, 3:7], b[:, 3:7])
+
+
+def test_scan_equals_unrolled():
+    cfg = model_config()
+    scanned, unrolled = make_model(cfg), make_model(dataclasses.replace(cfg, scan_layers=False))
+    toks = tokens()
+    np.testing.assert_allclose(forward(scanned, toks), forward(unrolled, toks), **FP32)
+    assert_trees_close(param_grads(scanned, toks), param_grads(unrolled, toks))
+
+
+@functools.cache
+def reference_grads(scan: bool):
+    return param_grads(make_model(model_config(scan_layers=scan)), tokens())
+
+
+@pytest.mark.parametrize("policy,scan", [("full", True), ("dots", True), ("minimal", True),
+                                         ("full", False)])
+def test_remat_does_not_change_gradients(policy, scan):
+    cfg = model_config(scan_layers=scan)
+    toks = tokens()
+    reference = reference_grads(scan)
+    rematted = param_grads(make_model(dataclasses.replace(cfg, remat=policy)), toks)
+    assert_trees_close(reference, rematted)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_attention_impls_agree_in_the_model(impl):
+    cfg = model_config()
+    toks = tokens()
+    other = make_model(dataclasses.replace(cfg, attention_impl=impl))
+    np.testing.assert_allclose(forward(other, toks), forward(make_model(cfg), toks), **FP32)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    cfg = model_config()
+    toks = tokens()
+    full = jax.nn.log_softmax(forward(make_model(cfg), toks))
+    half = jax.nn.log_softmax(forward(make_model(dataclasses.replace(cfg, dtype="bfloat16")),
+                                      toks))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=2e-2, atol=2e-2)
+
+
+def test_tied_embeddings_have_no_separate_head():
+    model = make_model(model_config(tie_embeddings=True))
+    assert not hasattr(model, "lm_head")
+    assert forward(model, tokens()).shape == (2, 24, 64)
+
+
+def test_parameters_are_float32_with_logical_names():
+    state = nnx.state(make_model(model_config()), nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+    specs = nnx.get_partition_spec(state)
+    assert tuple(specs["blocks"]["attn"]["wq"].get_value()) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
