@@ -1,4 +1,4 @@
-"""Tiny CPU default: a 4-layer byte-level model on the Python stdlib; trains in minutes on 2 cores."""
+"""Tiny CPU default: a 4-layer byte-level model on the Python stdlib; minutes on 2 cores."""
 
 from gigajax.config import base_config
 

@@ -1,4 +1,4 @@
-"""`gigajax` command line: `gigajax train --config configs/tiny.py --workdir runs/tiny [--config.a.b=v]`.
+"""`gigajax` command line: `gigajax train --config FILE --workdir DIR [--config.a.b=v ...]`.
 
 User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2.
 """

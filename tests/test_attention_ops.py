@@ -75,7 +75,7 @@ def make_case(name, dtype=jnp.float32, seed=0):
 
 
 def numpy_attention(q, k, v, dout, dlse, mask):
-    """float64 oracle: out, lse and the softmax-Jacobian gradients of sum(out*dout)+sum(lse*dlse)."""
+    """float64 oracle: out, lse and the gradients of sum(out*dout) + sum(lse*dlse)."""
     q, k, v, dout, dlse = (np.asarray(x, np.float64) for x in (q, k, v, dout, dlse))
     g = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
@@ -141,7 +141,7 @@ def test_blockwise_out_lse_and_grads_match_numpy_fp32(name):
     (q, k, v, dout, dlse), kwargs, mask, blocks = make_case(name)
     expected = numpy_attention(q, k, v, dout, dlse, mask)
     actual = grads_of("blockwise", kwargs, blocks, q, k, v, dout, dlse)
-    for a, e, what in zip(actual, expected, ("out", "lse", "dq", "dk", "dv")):
+    for a, e, what in zip(actual, expected, ("out", "lse", "dq", "dk", "dv"), strict=False):
         assert np.isfinite(np.asarray(a)).all(), what
         assert_close(a, e, rtol=1e-5)
 
@@ -151,7 +151,7 @@ def test_reference_out_lse_and_grads_match_numpy_fp32(name):
     (q, k, v, dout, dlse), kwargs, mask, _ = make_case(name)
     expected = numpy_attention(q, k, v, dout, dlse, mask)
     actual = grads_of("reference", kwargs, None, q, k, v, dout, dlse)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         assert np.isfinite(np.asarray(a)).all()
         assert_close(a, e, rtol=1e-5)
 
@@ -162,7 +162,7 @@ def test_lse_grads_match_reference_autodiff(name):
     zero = jnp.zeros_like(q)
     ref = grads_of("reference", kwargs, None, q, k, v, zero, dlse)
     ours = grads_of("blockwise", kwargs, blocks, q, k, v, zero, dlse)
-    for a, e in zip(ours[2:], ref[2:]):
+    for a, e in zip(ours[2:], ref[2:], strict=False):
         assert_close(a, e, rtol=1e-5)
 
 
@@ -175,7 +175,7 @@ def test_blockwise_bf16_matches_fp32_oracle(name):
     assert all(x.dtype == jnp.bfloat16 for x in actual[2:])
     # P and dS are rounded to bf16 for the matmuls (as in FlashAttention-2), so where a sum
     # cancels only the error relative to the largest entry is meaningful: 2e-2 of it.
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=False):
         assert_close(a, e, rtol=2e-2, floor=1.0)
 
 
@@ -199,7 +199,7 @@ def test_fwd_and_bwd_pieces_match_the_custom_vjp():
         return blockwise_attention_bwd(q, k, v, out, lse, dout, dlse, **kw)
 
     _, _, *grads = grads_of("blockwise", kwargs, blocks, q, k, v, dout, dlse)
-    for a, e in zip(pieces(q, k, v, dout, dlse), grads):
+    for a, e in zip(pieces(q, k, v, dout, dlse), grads, strict=False):
         assert_close(a, e, rtol=1e-6)  # same math; only XLA's fusion choices differ
 
 

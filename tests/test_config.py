@@ -89,3 +89,19 @@ def test_cli_prints_config_errors_without_traceback(tmp_path):
          str(tmp_path), "--config.model.n_kv_heads=3"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "model.n_kv_heads" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name,billions", [("small", 0.124), ("llama2_7b", 6.74),
+                                           ("llama3_8b", 8.03)])
+def test_shipped_configs_have_their_published_sizes(name, billions):
+    """Abstract init (no memory used) counts the parameters of each shipped shape."""
+    import jax
+    from flax import nnx
+
+    from gigajax.model import Decoder
+
+    cfg = ModelConfig.from_config(load_config(ROOT / "configs" / f"{name}.py"))
+    with nnx.use_eager_sharding(False):
+        state = jax.eval_shape(lambda: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0))))
+    count = sum(x.size for x in jax.tree.leaves(state))
+    assert abs(count / 1e9 - billions) / billions < 0.01, count

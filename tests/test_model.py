@@ -150,5 +150,6 @@ def test_parameters_are_float32_with_logical_names():
     state = nnx.state(make_model(model_config()), nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
     specs = nnx.get_partition_spec(state)
-    assert tuple(specs["blocks"]["attn"]["wq"].get_value()) == ("layers", "embed", "heads", "head_dim")
+    wq_names = ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["blocks"]["attn"]["wq"].get_value()) == wq_names
     assert tuple(specs["embed"].get_value()) == ("vocab", "embed")

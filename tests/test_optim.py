@@ -1,4 +1,4 @@
-"""Specification of gigajax.train.optim: optimizers descend, schedules, decay mask, clipping, errors."""
+"""Specification of gigajax.train.optim: descent, schedules, decay mask, clipping, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ def test_schedule_warms_up_to_peak_then_decays_to_floor(kind):
 
 
 def stacked_params() -> dict:
-    """A model-like tree: top-level w/bias/norm, scanned blocks with [L, D] norms, an embed table."""
+    """A model-like tree: w/bias/norm, scanned blocks with [L, D] norms, an embed table."""
     ones = jnp.ones
     return {
         "embed": {"embedding": ones((V, D))},

@@ -1,4 +1,4 @@
-"""Decoder: embed -> L x Block (under lax.scan over a stacked `layers` axis) -> RMSNorm -> LM head."""
+"""Decoder: embed -> L x Block (lax.scan over a stacked `layers` axis) -> RMSNorm -> LM head."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ _F32 = jnp.float32
 
 
 def _allowed(q_pos, kv_pos, q_seg, kv_seg, causal: bool, window: int | None) -> Array:
-    """Which keys each query may see: bool [B,Tq,Sk] from positions [B,Tq], [B,Sk] and segment ids."""
+    """Which keys each query may see: bool [B,Tq,Sk] from positions and segment ids."""
     ok = jnp.ones(q_pos.shape + kv_pos.shape[-1:], dtype=bool)
     dist = q_pos[:, :, None] - kv_pos[:, None, :]
     if causal:
@@ -128,7 +128,7 @@ def _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q, 
             allowed = (_allowed(qp, kp, qs, ks, causal, window) & kvalid[:, None, :])[:, None, None]
 
             def update(carry):
-                m, l, acc = carry
+                m, row_sum, acc = carry
                 s = jnp.einsum("BTKGE,BSKE->BKGTS", q_, k_, preferred_element_type=_F32) * scale
                 s = jnp.where(allowed, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(-1))
@@ -137,15 +137,15 @@ def _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q, 
                 p = jnp.exp(s - m_safe[..., None])
                 pv = jnp.einsum("BKGTS,BSKE->BKGTE", p.astype(v_.dtype), v_,
                                 preferred_element_type=_F32)
-                return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+                return m_new, alpha * row_sum + p.sum(-1), alpha[..., None] * acc + pv
 
             # Skip tiles with no allowed key (most of the upper triangle when causal).
             return lax.cond(allowed.any(), update, lambda c: c, carry), None
 
-        (m, l, acc), _ = lax.scan(kv_step, init, kv_xs)
-        l_safe = jnp.where(l == 0.0, 1.0, l)
-        lse = jnp.where(l == 0.0, MASKED_LSE, m + jnp.log(l_safe))
-        return (acc / l_safe[..., None]).astype(q.dtype), lse
+        (m, row_sum, acc), _ = lax.scan(kv_step, init, kv_xs)
+        row_sum_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)
+        lse = jnp.where(row_sum == 0.0, MASKED_LSE, m + jnp.log(row_sum_safe))
+        return (acc / row_sum_safe[..., None]).astype(q.dtype), lse
 
     out, lse = lax.map(q_block, q_xs)  # [nq,B,K,G,bq,E], [nq,B,K,G,bq]
     out = _from_blocks(out, 3, t).reshape(b, h, t, e).transpose(0, 2, 1, 3)
@@ -236,7 +236,7 @@ def blockwise_attention(
     kv_segment_ids: Array | None = None, sliding_window: int | None = None,
     scale: float | None = None, block_q: int = 512, block_kv: int = 512,
 ) -> tuple[Array, Array]:
-    """Flash attention in plain JAX, differentiable in both out and lse: (out [B,T,H,E], lse [B,H,T])."""
+    """Flash attention in plain JAX, differentiable in out and lse: (out [B,T,H,E], lse [B,H,T])."""
     q_pos, kv_pos, q_seg, kv_seg, scale = _normalize(
         q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)
     return _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, sliding_window, scale, block_q,

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule built from the `optim` config: clip -> adamw | adafactor | lion.
+"""Optimizer and learning-rate schedule from the `optim` config: clip -> adamw | adafactor | lion.
 
 Weight decay is decoupled and scaled by the schedule (AdamW, Loshchilov & Hutter 2019):
 p <- p - lr_t * (u_t + wd * p). The decay mask skips norms, biases and embeddings unless
@@ -53,7 +53,7 @@ def _check(cfg: Any, total_steps: int) -> None:
 def make_schedule(
     lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float
 ) -> optax.Schedule:
-    """Linear warmup 0 -> lr over warmup_steps, then cosine/linear decay to lr*min_lr_ratio or flat."""
+    """Linear warmup 0 -> lr, then cosine/linear decay to lr*min_lr_ratio, or flat."""
     end = lr * min_lr_ratio
     decay_steps = max(total_steps - warmup_steps, 1)
 

@@ -69,7 +69,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": nll_sum / count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"]), "tokens": count}
         return new_state, metrics
 
