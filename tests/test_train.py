@@ -105,3 +105,33 @@ def test_resume_gives_the_same_run_as_no_interruption(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 21))
     assert [(r["loss"], r.get("eval_loss")) for r in a] == [
         (r["loss"], r.get("eval_loss")) for r in b]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_the_next_run_resumes(tmp_path):
+    """A killed run (SIGTERM, as on preemption) saves where it stopped; rerunning continues."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
+            str(tmp_path), "--no-progress", *SMALL_RUN, "--config.train.steps=100000",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+            "--config.optim.warmup_steps=2", "--config.optim.schedule=constant"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
+                                          >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    resumed = cli(tmp_path, f"--config.train.steps={saved[0] + 2}", *args[-4:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {saved[0]}" in resumed.stderr
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == sorted(set(steps)) and steps[-2:] == [saved[0] + 1, saved[0] + 2]

@@ -8,6 +8,8 @@ command again resumes from the latest checkpoint; an interrupt (Ctrl-C) saves on
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,17 @@ def check_batch_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
             f"{dp} data-parallel devices (mesh.data x mesh.fsdp): make it a multiple of {dp}.")
 
 
+def _stop_on_sigterm():
+    """Treat SIGTERM (cluster preemption, `kill`) like Ctrl-C, so the run saves and exits."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
     """Mean next-token loss over the fixed validation batches (weighted by token count)."""
     sums = [eval_fn(params, b) for b in batches]
@@ -102,6 +115,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     f"{jax.device_count()} {jax.default_backend()} devices; "
                     + (f"resuming at step {start}" if start else "starting at step 0"))
         meta = {"config": json.loads(cfg.to_json_best_effort())}
+        previous_sigterm = _stop_on_sigterm()
         try:
             batches = batch_iterator(train_ds, start)
             for step in range(start, t.steps):
@@ -114,11 +128,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                 if done % t.checkpoint_every == 0 or done == t.steps:
                     checkpointer.save(done, state, {**meta, "step": done})
         except KeyboardInterrupt:
-            done = int(state["step"])
+            try:
+                done = int(state["step"])
+            except RuntimeError:  # interrupted inside a step whose input buffers were donated
+                logger.info("interrupted mid-step: the last saved checkpoint stands")
+                raise
             logger.info(f"interrupted: saving a checkpoint at step {done} before exiting")
             checkpointer.save(done, state, {**meta, "step": done}, force=True)
             raise
         finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
             checkpointer.wait()
             checkpointer.close()
             logger.close()
