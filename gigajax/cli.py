@@ -56,6 +56,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gigajax.train.loop import train
 
     summary = train(cfg, args.workdir, progress=not args.no_progress)
+    if "loss" not in summary:
+        print(f"nothing to do: {args.workdir} is already at step {summary['step']}; raise "
+              "--config.train.steps to train further")
+        return 0
     keys = ("step", "loss", "eval_loss", "tokens_per_s", "mfu")
     print("final: " + "  ".join(f"{k} {summary[k]:.6g}" for k in keys if k in summary))
     return 0
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gigajax: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gigajax: interrupted (a checkpoint was saved; rerun the command to resume)",
+        print("gigajax: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
 

@@ -17,10 +17,8 @@ import ml_collections
 
 from gigajax.errors import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "minimal")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
 ROPE_SCALINGS = ("none", "linear", "yarn")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,13 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
         max_seq_len=1024,
         rope_theta=10_000.0,
         # type: none | linear (position interpolation, Chen et al. 2023) | yarn (Peng et al. 2023)
+        # original_max_seq_len: the context the model was (pre)trained at; 0 = max_seq_len / factor
         rope_scaling=dict(type="none", factor=1.0, original_max_seq_len=0,
                           beta_fast=32.0, beta_slow=1.0),
         sliding_window=0,  # 0: full causal attention
         tie_embeddings=False,
         norm_eps=1e-5,
         init_std=0.02,
-        dtype="float32",  # compute dtype; parameters are always float32
+        dtype="auto",  # compute dtype (auto: bf16 on accelerators, fp32 on CPU); params fp32
         scan_layers=True,
         remat="none",  # none | full | dots | minimal
     )
@@ -91,18 +90,34 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> ModelConfig:
+        """Resolve defaults (head_dim 0, dtype auto, YaRN original length 0) into values."""
         m, rs = cfg.model, cfg.model.rope_scaling
         return cls(
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-            n_kv_heads=m.n_kv_heads, head_dim=m.head_dim or m.d_model // m.n_heads,
-            mlp_dim=m.mlp_dim, max_seq_len=m.max_seq_len, rope_theta=float(m.rope_theta),
+            n_kv_heads=m.n_kv_heads, head_dim=head_dim(m), mlp_dim=m.mlp_dim,
+            max_seq_len=m.max_seq_len, rope_theta=float(m.rope_theta),
             rope_scaling=rs.type, rope_factor=float(rs.factor),
-            rope_original_max_seq_len=rs.original_max_seq_len or m.max_seq_len,
+            rope_original_max_seq_len=(rs.original_max_seq_len
+                                       or int(m.max_seq_len / rs.factor)),
             rope_beta_fast=float(rs.beta_fast), rope_beta_slow=float(rs.beta_slow),
             sliding_window=m.sliding_window, tie_embeddings=m.tie_embeddings,
-            norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=m.dtype,
+            norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=compute_dtype(m.dtype),
             scan_layers=m.scan_layers, remat=m.remat, attention_impl=cfg.attention.impl,
             block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv)
+
+
+def head_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """`model.head_dim`, or d_model // n_heads when it is 0."""
+    return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+
+
+def compute_dtype(name: str) -> str:
+    """`model.dtype` with 'auto' resolved: bfloat16 on GPU/TPU, float32 on CPU."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -198,7 +213,11 @@ def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check every user-settable field; raise ConfigError naming the first bad one."""
+    from gigajax.data.pipeline import check_data_config
+    from gigajax.mesh import AXES
+    from gigajax.model.decoder import REMAT_POLICIES
     from gigajax.ops.attention import ATTENTION_IMPLS
+    from gigajax.train.optim import make_optimizer
 
     m = cfg.model
     _positive(cfg, "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
@@ -209,19 +228,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "train.checkpoint_every", "checkpoint.max_to_keep")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"it must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    head_dim = m.head_dim or m.d_model // m.n_heads
     _require(m.head_dim >= 0, "model.head_dim", m.head_dim, "use 0 (d_model // n_heads) or > 0")
     _require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
              f"with model.head_dim=0 it must be divisible by model.n_heads={m.n_heads}")
-    _require(head_dim % 2 == 0, "model.head_dim", head_dim, "RoPE needs an even head dimension")
+    _require(head_dim(m) % 2 == 0, "model.head_dim", head_dim(m),
+             "RoPE needs an even head dimension")
     _choice(cfg, "model.dtype", DTYPES)
-    _choice(cfg, "model.remat", REMAT_POLICIES)
+    _choice(cfg, "model.remat", tuple(REMAT_POLICIES))
     _choice(cfg, "model.rope_scaling.type", ROPE_SCALINGS)
     _require(m.rope_scaling.factor >= 1.0, "model.rope_scaling.factor", m.rope_scaling.factor,
              "it must be >= 1 (1 means no scaling)")
     _require(m.rope_scaling.beta_fast > m.rope_scaling.beta_slow > 0,
              "model.rope_scaling.beta_fast", m.rope_scaling.beta_fast,
              f"YaRN needs beta_fast > beta_slow={m.rope_scaling.beta_slow} > 0")
+    _require(m.rope_scaling.original_max_seq_len >= 0, "model.rope_scaling.original_max_seq_len",
+             m.rope_scaling.original_max_seq_len,
+             "use 0 (max_seq_len / factor) or the pretraining context length")
     _require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window,
              "use 0 for full attention or a positive window length")
     _choice(cfg, "attention.impl", ATTENTION_IMPLS)
@@ -234,13 +256,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.train.z_loss >= 0, "train.z_loss", cfg.train.z_loss, "it must be >= 0")
     _require(cfg.data.batch_size % cfg.train.microbatches == 0, "train.microbatches",
              cfg.train.microbatches, f"it must divide data.batch_size={cfg.data.batch_size}")
-    for axis in MESH_AXES:
+    for axis in AXES:
         size = cfg.mesh[axis]
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}", size,
                  "use a positive size, or -1 for the rest of the devices")
-    _require(sum(cfg.mesh[a] == -1 for a in MESH_AXES) <= 1, "mesh", dict(cfg.mesh),
+    _require(sum(cfg.mesh[a] == -1 for a in AXES) <= 1, "mesh", dict(cfg.mesh),
              "at most one axis may be -1")
     for axis in ("fsdp", "sequence", "tensor"):
         _require(cfg.mesh[axis] == 1, f"mesh.{axis}", cfg.mesh[axis],
                  "only mesh.data may be > 1 so far (fsdp, tensor and sequence parallelism are "
                  "not implemented yet)")
+    make_optimizer(cfg.optim, cfg.train.steps)  # raises ConfigError naming the optim.* field
+    check_data_config(cfg.data)

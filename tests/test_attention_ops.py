@@ -236,7 +236,7 @@ def test_blockwise_matches_jax_nn_native_causal_and_window(name):
 
 
 @pytest.mark.parametrize("name", ["causal_gqa", "noncausal_t_ne_s", "causal_window_t_gt_s",
-                                  "noncausal_window", "fully_masked_rows"])
+                                  "noncausal_window", "fully_masked_rows", "packed_segments"])
 def test_dispatcher_xla_and_reference_match_blockwise(name):
     (q, k, v, *_), kwargs, _, blocks = make_case(name)
     kw = dict(kwargs, block_q=blocks[0], block_kv=blocks[1])
@@ -245,6 +245,23 @@ def test_dispatcher_xla_and_reference_match_blockwise(name):
     expected = attend["blockwise"](q, k, v)
     for impl in ("xla", "reference"):
         assert_close(attend[impl](q, k, v), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["packed_segments", "sliding_window", "permuted_positions"])
+def test_dispatcher_xla_grads_match_blockwise(name):
+    """Gradients through jax.nn (native causal + segment mask, or a dense mask) equal ours."""
+    (q, k, v, dout, _), kwargs, _, blocks = make_case(name)
+    kw = dict(kwargs, block_q=blocks[0], block_kv=blocks[1])
+    if "q_segment_ids" in kw:  # one array for both, as the model passes: jax.nn's native path
+        kw["kv_segment_ids"] = kw["q_segment_ids"]
+
+    def grads(impl):
+        def loss(q, k, v):
+            return jnp.sum(dot_product_attention(q, k, v, impl=impl, **kw) * dout)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for actual, expected in zip(grads("xla"), grads("blockwise"), strict=True):
+        assert_close(actual, expected, rtol=1e-5)
 
 
 def test_dispatcher_rejects_cudnn_off_gpu_and_unknown_impls():

@@ -16,16 +16,23 @@ TINY = ROOT / "configs" / "tiny.py"
 
 @pytest.mark.parametrize("name", ["tiny", "small", "llama2_7b", "llama3_8b"])
 def test_shipped_configs_load_and_validate(name):
-    cfg = load_config(ROOT / "configs" / f"{name}.py")
+    model = ModelConfig.from_config(load_config(ROOT / "configs" / f"{name}.py"))
+    assert model.dtype in ("float32", "bfloat16")  # 'auto' is resolved for this backend
+
+
+def test_auto_dtype_is_float32_on_cpu_and_yarn_defaults_to_the_pretraining_length():
+    cfg = load_config(TINY, ["--config.model.dtype=auto", "--config.model.rope_scaling.type=yarn",
+                             "--config.model.rope_scaling.factor=4"])
     model = ModelConfig.from_config(cfg)
-    assert model.head_dim * model.n_heads >= model.d_model // 2
+    assert model.dtype == "float32"
+    assert model.rope_original_max_seq_len == cfg.model.max_seq_len // 4
 
 
 def test_overrides_are_typed():
-    cfg = load_config(TINY, ["--config.train.steps=7", "--config.optim.lr=1", "--config.model."
+    cfg = load_config(TINY, ["--config.train.steps=70", "--config.optim.lr=1", "--config.model."
                              "scan_layers=false", "--config.model.dtype=bfloat16",
                              "--config.model.rope_scaling.factor=4"])
-    assert cfg.train.steps == 7 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 70 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.model.scan_layers is False and cfg.model.dtype == "bfloat16"
     assert cfg.model.rope_scaling.factor == 4.0
 
@@ -48,6 +55,11 @@ BAD = [
     ("mesh.tensor=2", "mesh.tensor"),
     ("mesh.data=0", "mesh.data"),
     ("model.head_dim=7", "model.head_dim"),
+    ("optim.name=sgd", "optim.name"),
+    ("optim.warmup_steps=100000", "optim.warmup_steps"),
+    ("data.source=c4", "data.source"),
+    ("data.tokenizer=gpt2", "data.tokenizer"),
+    ("model.rope_scaling.original_max_seq_len=-2", "model.rope_scaling.original_max_seq_len"),
 ]
 
 

@@ -124,10 +124,17 @@ def test_remat_does_not_change_gradients(policy, scan):
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_attention_impls_agree_in_the_model(impl):
+    """Packed documents, logits and gradients: every kernel gives the blockwise result."""
     cfg = model_config()
     toks = tokens()
+    segments = jnp.asarray(np.repeat([[1, 2, 3]], 8, axis=1).repeat(2, axis=0), jnp.int32)
+    positions = jnp.tile(jnp.arange(8), 3)[None].repeat(2, axis=0)
     other = make_model(dataclasses.replace(cfg, attention_impl=impl))
-    np.testing.assert_allclose(forward(other, toks), forward(make_model(cfg), toks), **FP32)
+    np.testing.assert_allclose(forward(other, toks, positions, segments),
+                               forward(make_model(cfg), toks, positions, segments), **FP32)
+    assert_trees_close(param_grads(other, toks, positions_BT=positions, segment_ids_BT=segments),
+                       param_grads(make_model(cfg), toks, positions_BT=positions,
+                                   segment_ids_BT=segments))
 
 
 def test_bfloat16_compute_is_close_to_float32():
@@ -136,7 +143,7 @@ def test_bfloat16_compute_is_close_to_float32():
     full = jax.nn.log_softmax(forward(make_model(cfg), toks))
     half = jax.nn.log_softmax(forward(make_model(dataclasses.replace(cfg, dtype="bfloat16")),
                                       toks))
-    assert half.dtype == jnp.bfloat16
+    assert half.dtype == full.dtype == jnp.float32  # logits are fp32 for the loss
     np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=2e-2, atol=2e-2)
 
 
@@ -153,3 +160,33 @@ def test_parameters_are_float32_with_logical_names():
     wq_names = ("layers", "embed", "heads", "head_dim")
     assert tuple(specs["blocks"]["attn"]["wq"].get_value()) == wq_names
     assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
+
+
+def count_scans_in_backward(remat: str) -> int:
+    """How many scans (the kernel's loops and the layer loop) the gradient program runs."""
+    model = make_model(model_config(remat=remat, scan_layers=False, n_layers=1))
+    graphdef, params = nnx.split(model)
+    toks = tokens()
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(toks))
+
+    return str(jax.make_jaxpr(jax.grad(loss))(params)).count("scan[")
+
+
+def test_minimal_remat_keeps_attention_and_full_recomputes_it():
+    """'minimal' saves the kernel's out and lse, so its forward scans do not run again."""
+    none, minimal, full = (count_scans_in_backward(p) for p in ("none", "minimal", "full"))
+    assert none < minimal < full
+
+
+def test_weight_decay_skips_norms_and_embeddings_of_the_decoder():
+    from gigajax.train.optim import decay_mask
+
+    params = nnx.state(make_model(model_config()), nnx.Param)
+    decayed = {jax.tree_util.keystr(path): flag for path, flag in
+               jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    names = {k.split("]")[-2].strip("['"): v for k, v in decayed.items()}
+    assert {n for n, v in names.items() if v} == {"wq", "wk", "wv", "wo", "w_gate", "w_up",
+                                                  "w_down", "lm_head"}
+    assert {n for n, v in names.items() if not v} == {"embed", "scale"}

@@ -192,7 +192,7 @@ def test_bad_config_raises_config_error_naming_field(field, value, total_steps):
 
 @pytest.mark.parametrize("total_steps", [0, -5])
 def test_nonpositive_total_steps_raises_config_error(total_steps):
-    with pytest.raises(ConfigError, match="total_steps"):
+    with pytest.raises(ConfigError, match=r"train\.steps"):
         make_optimizer(optim_cfg(warmup_steps=0), total_steps=total_steps)
 
 

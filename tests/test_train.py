@@ -14,7 +14,7 @@ import pytest
 
 from gigajax.config import load_config
 from gigajax.mesh import make_mesh
-from gigajax.train.loop import init_state, train
+from gigajax.train.loop import init_state, place_batch, train
 from gigajax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,17 +38,22 @@ def random_batch(batch, length, vocab, seed=0):
     }
 
 
-def test_four_microbatches_equal_one_batch():
-    """Summed-loss accumulation over 4 microbatches gives the same update as one 4x batch."""
-    cfg = load_config(TINY, SMALL_RUN + ["--config.mesh.data=1"])
-    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+def one_step(data_parallel: int, microbatches: int):
+    """Initial state and (state, metrics) after one SGD step on a fixed batch."""
+    cfg = load_config(TINY, SMALL_RUN + [f"--config.mesh.data={data_parallel}"])
+    mesh = make_mesh(cfg.mesh, jax.devices()[:data_parallel])
     tx = optax.sgd(0.5)
     with jax.set_mesh(mesh):
         graphdef, state = init_state(cfg, mesh, tx)
-        batch = random_batch(8, 64, cfg.model.vocab_size)
-        results = [jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(0.5), m))(
-            state, batch) for m in (1, 4)]
-    (one, one_metrics), (four, four_metrics) = results
+        batch = place_batch(random_batch(8, 64, cfg.model.vocab_size), mesh)
+        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(0.5), microbatches))
+        return jax.device_get(state), jax.device_get(step(state, batch))
+
+
+def test_four_microbatches_on_two_devices_equal_one_batch_on_one():
+    """Accumulating 4 microbatches, data parallel over 2 devices, gives the single-device update."""
+    state, (one, one_metrics) = one_step(1, 1)
+    _, (four, four_metrics) = one_step(2, 4)
     np.testing.assert_allclose(four_metrics["loss"], one_metrics["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(four["params"]), jax.tree.leaves(one["params"]), strict=True):
         assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
@@ -57,13 +62,16 @@ def test_four_microbatches_equal_one_batch():
     assert min(moved) > 0  # the step really changed every parameter
 
 
+def cli_command(workdir, *overrides):
+    """`gigajax train` in a fresh process that simulates the devices the mesh asks for."""
+    args = [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
+            str(workdir), "--no-progress", *SMALL_RUN, *overrides]
+    return {"args": args, "cwd": ROOT, "text": True,
+            "env": {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}}
+
+
 def cli(workdir, *overrides):
-    """Run `gigajax train` in a fresh process that simulates the devices the mesh asks for."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
-         str(workdir), "--no-progress", *SMALL_RUN, *overrides],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(**cli_command(workdir, *overrides), capture_output=True, timeout=600)
 
 
 def read_metrics(workdir):
@@ -89,6 +97,9 @@ def test_cli_trains_tiny_and_resumes(tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == sorted(steps) and steps[-1] == 60 and steps.count(50) == 1
 
+    again = cli(tmp_path, "--config.train.steps=60", "--config.optim.warmup_steps=10")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+
 
 @pytest.mark.slow
 def test_resume_gives_the_same_run_as_no_interruption(tmp_path):
@@ -113,13 +124,10 @@ def test_sigterm_saves_a_checkpoint_that_the_next_run_resumes(tmp_path):
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
-            str(tmp_path), "--no-progress", *SMALL_RUN, "--config.train.steps=100000",
-            "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
-            "--config.optim.warmup_steps=2", "--config.optim.schedule=constant"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    overrides = ["--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+                 "--config.optim.warmup_steps=2", "--config.optim.schedule=constant"]
+    proc = subprocess.Popen(**cli_command(tmp_path, "--config.train.steps=100000", *overrides),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
@@ -130,7 +138,7 @@ def test_sigterm_saves_a_checkpoint_that_the_next_run_resumes(tmp_path):
     assert proc.returncode == 130, stderr
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 3
-    resumed = cli(tmp_path, f"--config.train.steps={saved[0] + 2}", *args[-4:])
+    resumed = cli(tmp_path, f"--config.train.steps={saved[0] + 2}", *overrides)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {saved[0]}" in resumed.stderr
     steps = [r["step"] for r in read_metrics(tmp_path)]

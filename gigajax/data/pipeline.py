@@ -137,17 +137,22 @@ def eval_batches(
     return [ds[i] for i in range(num_batches)]
 
 
-def build_datasets(
-    data_cfg: ml_collections.ConfigDict, seed: int
-) -> tuple[Tokenizer, grain.MapDataset, np.ndarray]:
-    """From the `data` config: (tokenizer, train batches dataset, validation token stream)."""
+def check_data_config(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """Fail fast on an unknown `data.source` or `data.tokenizer`; returns the tokenizer."""
     if data_cfg.source not in SOURCES:
         raise ConfigError(
             f"data.source={data_cfg.source!r} is not a known source; allowed values: "
             + ", ".join(repr(s) for s in SOURCES)
             + "."
         )
-    tokenizer = get_tokenizer(data_cfg.tokenizer)
+    return get_tokenizer(data_cfg.tokenizer)
+
+
+def build_datasets(
+    data_cfg: ml_collections.ConfigDict, seed: int
+) -> tuple[Tokenizer, grain.MapDataset, np.ndarray]:
+    """From the `data` config: (tokenizer, train batches dataset, validation token stream)."""
+    tokenizer = check_data_config(data_cfg)
     max_bytes = int(data_cfg.max_bytes) or None
     load = functools.partial(
         load_stdlib_tokens,

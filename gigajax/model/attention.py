@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from gigajax.config import ModelConfig
+from gigajax.model.init import residual_init, weight_init
 from gigajax.model.rope import apply_rope
 from gigajax.ops.attention import dot_product_attention
 from gigajax.sharding import param
@@ -17,8 +17,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        init, out_init = weight_init(cfg), residual_init(cfg)
         self.wq = param(rngs, init, (D, H, E), ("embed", "heads", "head_dim"))
         self.wk = param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"))
         self.wv = param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"))
@@ -26,7 +25,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+                 segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+        """Causal mask by token index: within a packed document index order is position order
+        (positions live only in the RoPE tables), which lets jax.nn/cuDNN use native causal flags.
+        """
         cfg, dtype = self.cfg, x_BTD.dtype
         q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, self.wq[...].astype(dtype))
         k_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wk[...].astype(dtype))
@@ -35,8 +37,6 @@ class Attention(nnx.Module):
         k_BTKE = apply_rope(k_BTKE, cos_BTE, sin_BTE)
         out_BTHE = dot_product_attention(
             q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention_impl, causal=True,
-            q_positions=positions_BT, kv_positions=positions_BT,
             q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
             sliding_window=cfg.sliding_window or None, block_q=cfg.block_q, block_kv=cfg.block_kv)
-        out_BTHE = checkpoint_name(out_BTHE, "attention_out")  # kept by remat policy 'minimal'
         return jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(dtype))

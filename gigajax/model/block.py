@@ -8,6 +8,7 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.attention import Attention
+from gigajax.model.init import residual_init, weight_init
 from gigajax.sharding import constrain, param
 
 
@@ -29,8 +30,7 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.mlp_dim
-        init = nnx.initializers.normal(cfg.init_std)
-        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        init, out_init = weight_init(cfg), residual_init(cfg)
         self.w_gate = param(rngs, init, (D, F), ("embed", "mlp"))
         self.w_up = param(rngs, init, (D, F), ("embed", "mlp"))
         self.w_down = param(rngs, out_init, (F, D), ("mlp", "embed"))
@@ -53,8 +53,7 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTE, sin_BTE, positions_BT,
-                                  segment_ids_BT)
+                 segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTE, sin_BTE, segment_ids_BT)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", "seq", "embed"))

@@ -10,6 +10,7 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.block import Block, RMSNorm
+from gigajax.model.init import weight_init
 from gigajax.model.rope import rope_cos_sin, rope_frequencies
 from gigajax.sharding import constrain, param, stacked
 
@@ -17,7 +18,8 @@ from gigajax.sharding import constrain, param, stacked
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no jax.checkpoint: keep everything
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
-    "minimal": jax.checkpoint_policies.save_only_these_names("attention_out"),  # keep attention
+    # keep the blockwise kernel's out and lse: recompute projections and MLP, not attention
+    "minimal": jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
 }
 
@@ -27,7 +29,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        init = nnx.initializers.normal(cfg.init_std)
+        init = weight_init(cfg)
         self.embed = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         self.blocks = stacked(lambda r: Block(cfg, rngs=r), cfg.n_layers, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
@@ -36,7 +38,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
                  segment_ids_BT: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Logits [B, T, V] in the compute dtype for integer tokens [B, T]."""
+        """Logits [B, T, V] (float32) for integer tokens [B, T]; positions feed RoPE."""
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -45,19 +47,20 @@ class Decoder(nnx.Module):
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
         cos_BTE, sin_BTE = rope_cos_sin(positions_BT, inv_freq, mscale)
-        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, segment_ids_BT)
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dtype))
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dtype),
+                                preferred_element_type=jnp.float32)  # the loss is fp32
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
-    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT):
+    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, segment_ids_BT):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
         graphdef, stacked_state = nnx.split(self.blocks)
 
         def one_block(x_BTD, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT), None
+            return block(x_BTD, cos_BTE, sin_BTE, segment_ids_BT), None
 
         if self.cfg.remat != "none":
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],

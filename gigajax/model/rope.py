@@ -25,7 +25,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor:
       logits are scaled by mscale^2 with mscale = 0.1 ln(factor) + 1.
     """
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    if scaling == "none" or factor == 1.0:
+    if scaling == "none":
         return inv_freq, 1.0
     if scaling == "linear":
         return inv_freq / factor, 1.0

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from gigajax.errors import ConfigError
 
@@ -215,6 +216,9 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, blo
     """Saves q, k, v, out, lse and the mask arrays: O(T) residuals, never the probabilities."""
     out, lse = _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q,
                     block_kv)
+    # Named so that a remat policy can keep them (model.remat='minimal') instead of re-running
+    # the whole kernel forward in the backward pass.
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return (out, lse), (q, k, v, out, lse, q_pos, kv_pos, q_seg, kv_seg)
 
 
@@ -296,15 +300,15 @@ def dot_product_attention(
         return blockwise_attention(q, k, v, **masks, block_q=block_q, block_kv=block_kv)[0]
     # jax.nn: GQA built in; local_window_size=(left, right) allows -right <= q - kv <= left.
     t, s = q.shape[1], k.shape[1]
-    if q_positions is None and kv_positions is None and q_segment_ids is None and (
-            sliding_window is None or causal):
+    if (q_positions is None and kv_positions is None and causal and t == s
+            and q_segment_ids is kv_segment_ids):
+        # Self-attention: native causal (and window) flags, only segment ids need a mask. Every
+        # row sees at least its own key (the diagonal), so no row is fully masked.
         window = None if sliding_window is None else (sliding_window - 1, 0)
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                           local_window_size=window, implementation=impl)
-        if window is None:
-            return out
-        has_key = jnp.arange(t) - (s - 1) < sliding_window  # rows past the last key's window
-        return jnp.where(has_key[None, :, None, None], out, 0).astype(out.dtype)
+        mask = None if q_segment_ids is None else (
+            q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                            local_window_size=window, implementation=impl)
     q_pos, kv_pos, q_seg, kv_seg, scale = _normalize(
         q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)
     allowed = _allowed(q_pos, kv_pos, q_seg, kv_seg, causal, sliding_window)  # [B,T,S]

@@ -44,33 +44,38 @@ class MetricsLogger:
         self.timer_start: float | None = None
         self.timer_step = start_step
         self.pending: list[dict] = []
-        self.eval_seconds = 0.0
+        self.paused_seconds = 0.0
         self.summary: dict[str, Any] = {}
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines past the step we resume from: they belong to the run that crashed."""
         if not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:
         self.progress.console.print(message)
 
     def record(self, step: int, metrics: dict[str, jax.Array],
-               eval_loss: float | None = None, eval_seconds: float = 0.0) -> None:
+               eval_loss: float | None = None, paused_seconds: float = 0.0) -> None:
         """Keep this step's (device) metrics; write a line at log steps, eval steps and the end.
 
-        Throughput counts training only: `eval_seconds` spent evaluating is left out.
+        Throughput counts training only: `paused_seconds` (evaluation, checkpointing) is left out.
         """
-        self.eval_seconds += eval_seconds
+        self.paused_seconds += paused_seconds
         self.pending.append(metrics)  # kept on device until the next logged step
         self.progress.update(self.task, completed=step)
         if self.timer_start is None:  # the first step compiles: time from its end
             jax.block_until_ready(metrics)
             self.timer_start, self.timer_step = time.perf_counter(), step
-            self.eval_seconds = 0.0
+            self.paused_seconds = 0.0
         if step % self.log_every and eval_loss is None and step != self.total_steps:
             return
         last = jax.device_get(self.pending[-1])
@@ -79,7 +84,7 @@ class MetricsLogger:
         row: dict[str, Any] = {"step": step, "loss": float(last["loss"]),
                                "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"])}
         if step > self.timer_step:
-            seconds = now - self.timer_start - self.eval_seconds
+            seconds = now - self.timer_start - self.paused_seconds
             tokens_per_s = (step - self.timer_step) * self.tokens_per_step / seconds
             row["tokens_per_s"] = tokens_per_s
             if self.peak_flops > 0:
@@ -96,7 +101,7 @@ class MetricsLogger:
         self.progress.update(self.task, status=status)
         self.info(f"step {step:>6}  " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
-        self.timer_start, self.timer_step, self.eval_seconds = now, step, 0.0
+        self.timer_start, self.timer_step, self.paused_seconds = now, step, 0.0
 
     def close(self) -> None:
         self.progress.stop()

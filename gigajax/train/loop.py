@@ -121,12 +121,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
             for step in range(start, t.steps):
                 state, metrics = train_step(state, place_batch(next(batches), mesh))
                 done = step + 1
-                eval_loss, eval_start = None, time.perf_counter()
-                if done % t.eval_every == 0 or done == t.steps:
-                    eval_loss = evaluate(eval_fn, state["params"], val)
-                logger.record(done, metrics, eval_loss, time.perf_counter() - eval_start)
-                if done % t.checkpoint_every == 0 or done == t.steps:
-                    checkpointer.save(done, state, {**meta, "step": done})
+                is_eval = done % t.eval_every == 0 or done == t.steps
+                is_save = done % t.checkpoint_every == 0 or done == t.steps
+                eval_loss, paused = None, 0.0
+                if is_eval or is_save:  # not training time: leave it out of tokens/s
+                    jax.block_until_ready(metrics)
+                    pause_start = time.perf_counter()
+                    if is_eval:
+                        eval_loss = evaluate(eval_fn, state["params"], val)
+                    if is_save:
+                        checkpointer.save(done, state, {**meta, "step": done})
+                    paused = time.perf_counter() - pause_start
+                logger.record(done, metrics, eval_loss, paused)
         except KeyboardInterrupt:
             try:
                 done = int(state["step"])
@@ -142,4 +148,4 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
             checkpointer.wait()
             checkpointer.close()
             logger.close()
-    return logger.summary
+    return logger.summary or {"step": start}

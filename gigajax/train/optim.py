@@ -37,11 +37,11 @@ def _check(cfg: Any, total_steps: int) -> None:
     if cfg.moment_dtype not in MOMENT_DTYPES:
         _fail("moment_dtype", cfg.moment_dtype, f"one of {tuple(MOMENT_DTYPES)}")
     if not isinstance(total_steps, int) or total_steps <= 0:
-        raise ConfigError(f"total_steps = {total_steps!r} is not allowed; use an integer > 0.")
+        raise ConfigError(f"train.steps = {total_steps!r} is not allowed; use an integer > 0.")
     if not cfg.lr > 0:
         _fail("lr", cfg.lr, "a value > 0")
     if not 0 <= cfg.warmup_steps <= total_steps:
-        _fail("warmup_steps", cfg.warmup_steps, f"an integer in [0, total_steps={total_steps}]")
+        _fail("warmup_steps", cfg.warmup_steps, f"an integer in [0, train.steps={total_steps}]")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         _fail("min_lr_ratio", cfg.min_lr_ratio, "a value in [0, 1]")
     if cfg.clip_norm is not None and cfg.clip_norm < 0:
