@@ -267,4 +267,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                  "only mesh.data may be > 1 so far (fsdp, tensor and sequence parallelism are "
                  "not implemented yet)")
     make_optimizer(cfg.optim, cfg.train.steps)  # raises ConfigError naming the optim.* field
-    check_data_config(cfg.data)
+    tokenizer = check_data_config(cfg.data)
+    _require(m.vocab_size >= tokenizer.vocab_size, "model.vocab_size", m.vocab_size,
+             f"the {cfg.data.tokenizer!r} tokenizer has {tokenizer.vocab_size} ids")

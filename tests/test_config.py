@@ -59,6 +59,7 @@ BAD = [
     ("optim.warmup_steps=100000", "optim.warmup_steps"),
     ("data.source=c4", "data.source"),
     ("data.tokenizer=gpt2", "data.tokenizer"),
+    ("model.vocab_size=200", "model.vocab_size"),
     ("model.rope_scaling.original_max_seq_len=-2", "model.rope_scaling.original_max_seq_len"),
 ]
 

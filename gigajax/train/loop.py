@@ -87,9 +87,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     mesh = make_mesh(cfg.mesh)
     check_batch_layout(cfg, mesh)
     tokenizer, train_ds, val_tokens = build_datasets(cfg.data, cfg.train.seed)
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                          f"{cfg.data.tokenizer!r} tokenizer's {tokenizer.vocab_size} ids.")
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     t = cfg.train
     with jax.set_mesh(mesh):
