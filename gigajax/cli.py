@@ -1,4 +1,7 @@
-"""`gigajax` command line: `gigajax train --config FILE --workdir DIR [--config.a.b=v ...]`.
+"""`gigajax` command line: `gigajax train` and `gigajax check-layouts`.
+
+`gigajax train --config FILE --workdir DIR [--config.a.b=v ...]` trains or resumes;
+`gigajax check-layouts --config FILE --layouts "data=8;fsdp=8"` compares layouts with one device.
 
 User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2.
 """
@@ -29,17 +32,14 @@ def _split_overrides(rest: list[str]) -> list[str]:
     return overrides
 
 
-def _simulate_cpu_devices(mesh_cfg) -> None:
-    """Give the CPU backend as many (simulated) devices as the mesh asks for.
+def _simulate_cpu_devices(wanted: int | None) -> None:
+    """Give the CPU backend `wanted` (simulated) devices in this process.
 
     Only the CPU platform is affected; on a GPU machine the mesh is built over the GPUs. An
     explicit `--xla_force_host_platform_device_count` in XLA_FLAGS wins.
     """
     import jax
 
-    from gigajax.mesh import fixed_device_count
-
-    wanted = fixed_device_count(mesh_cfg)
     if wanted and wanted > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
             "XLA_FLAGS", ""):
         try:
@@ -49,13 +49,23 @@ def _simulate_cpu_devices(mesh_cfg) -> None:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gigajax import distributed
     from gigajax.config import load_config
+    from gigajax.mesh import fixed_device_count
 
     cfg = load_config(args.config, overrides)
-    _simulate_cpu_devices(cfg.mesh)
+    wanted = fixed_device_count(cfg.mesh)
+    processes = distributed.expected_process_count(args.num_processes)
+    if wanted and wanted % processes:
+        raise GigajaxError(f"the mesh asks for {wanted} devices, which do not split over "
+                           f"--num-processes={processes}.")
+    _simulate_cpu_devices(wanted // processes if wanted else None)  # per process
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from gigajax.train.loop import train
 
     summary = train(cfg, args.workdir, progress=not args.no_progress)
+    if not distributed.is_main_process():
+        return 0
     if "loss" not in summary:
         print(f"nothing to do: {args.workdir} is already at step {summary['step']}; raise "
               "--config.train.steps to train further")
@@ -63,6 +73,19 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     keys = ("step", "loss", "eval_loss", "tokens_per_s", "mfu")
     print("final: " + "  ".join(f"{k} {summary[k]:.6g}" for k in keys if k in summary))
     return 0
+
+
+def _check_layouts(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gigajax.check_layouts import devices_needed, parse_layouts
+    from gigajax.config import load_config
+
+    layouts = parse_layouts(args.layouts)
+    cfg = load_config(args.config, overrides)
+    _simulate_cpu_devices(devices_needed(layouts))
+    from gigajax.check_layouts import check_layouts
+
+    rows = check_layouts(cfg, layouts, args.steps, args.output)
+    return 0 if all(row["ok"] for row in rows) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
     train.add_argument("--workdir", required=True, help="where metrics and checkpoints go")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = train.add_argument_group(
+        "multi-process", "explicit jax.distributed setup (SLURM and Open MPI are detected)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, help="how many processes in all")
+    multi.add_argument("--process-id", type=int, help="this process, 0 .. num-processes - 1")
+    check = commands.add_parser(
+        "check-layouts", help="compare mesh layouts with one device",
+        description="Run a few fp32 steps under each layout and under one device; print the "
+                    "loss per step and the relative differences of loss, gradients, parameters.")
+    check.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    check.add_argument("--layouts", required=True,
+                       help='e.g. "data=8;fsdp=8;tensor=2,data=4;fsdp=8,zero_stage=1;'
+                            'tensor=4,megatron_sp=1"')
+    check.add_argument("--steps", type=int, default=3, help="optimizer steps per layout")
+    check.add_argument("--output", help="also write the rows as JSON here")
     args, rest = parser.parse_known_args(argv)
+    command = {"train": _train, "check-layouts": _check_layouts}[args.command]
     try:
-        return _train(args, _split_overrides(rest))
+        return command(args, _split_overrides(rest))
     except GigajaxError as error:
         print(f"gigajax: error: {error}", file=sys.stderr)
         return 2

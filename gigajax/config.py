@@ -1,8 +1,9 @@
 """Config schema: defaults, loading with command-line overrides, and validation with clear errors.
 
-A config is an `ml_collections.ConfigDict` with sections model, attention, data, train, optim, mesh,
-checkpoint. `configs/*.py` start from `base_config()` and override what differs. Every check that
-can fail on a user's value lives in `validate()` and raises `ConfigError` naming the field.
+A config is an `ml_collections.ConfigDict` with sections model, attention, data, train, optim,
+mesh, sharding, checkpoint. `configs/*.py` start from `base_config()` and override what differs.
+Every check that can fail on a user's value lives in `validate()` and raises `ConfigError` naming
+the field.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)
-    c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)
+    c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)  # -1: the rest of the devices
+    # zero_stage 3: parameters and optimizer state over `fsdp` (FSDP); 1: optimizer state only.
+    # megatron_sp: split norm/residual activations over `tensor` too (Megatron sequence parallel).
+    c.sharding = dict(zero_stage=3, megatron_sp=False)
     c.checkpoint = dict(max_to_keep=3, async_save=True)
     return ml_collections.ConfigDict(c)
 
@@ -214,9 +218,10 @@ def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check every user-settable field; raise ConfigError naming the first bad one."""
     from gigajax.data.pipeline import check_data_config
-    from gigajax.mesh import AXES
+    from gigajax.mesh import AXES, fixed_device_count
     from gigajax.model.decoder import REMAT_POLICIES
     from gigajax.ops.attention import ATTENTION_IMPLS
+    from gigajax.sharding import ZERO_STAGES, check_layout
     from gigajax.train.optim import make_optimizer
 
     m = cfg.model
@@ -262,10 +267,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                  "use a positive size, or -1 for the rest of the devices")
     _require(sum(cfg.mesh[a] == -1 for a in AXES) <= 1, "mesh", dict(cfg.mesh),
              "at most one axis may be -1")
-    for axis in ("fsdp", "sequence", "tensor"):
-        _require(cfg.mesh[axis] == 1, f"mesh.{axis}", cfg.mesh[axis],
-                 "only mesh.data may be > 1 so far (fsdp, tensor and sequence parallelism are "
-                 "not implemented yet)")
+    _require(cfg.mesh.sequence == 1, "mesh.sequence", cfg.mesh.sequence,
+             "sequence parallelism (Ulysses, ring attention) is not implemented yet")
+    _require(cfg.sharding.zero_stage in ZERO_STAGES, "sharding.zero_stage",
+             cfg.sharding.zero_stage, "use 3 (FSDP: parameters and optimizer state sharded) or "
+             "1 (optimizer state only)")
+    _require(isinstance(cfg.sharding.megatron_sp, bool), "sharding.megatron_sp",
+             cfg.sharding.megatron_sp, "use true or false")
+    if fixed_device_count(cfg.mesh) is not None:  # otherwise checked once the mesh exists
+        check_layout(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_model=m.d_model,
+                     mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, mesh_sizes=dict(cfg.mesh),
+                     batch_size=cfg.data.batch_size, microbatches=cfg.train.microbatches)
     make_optimizer(cfg.optim, cfg.train.steps)  # raises ConfigError naming the optim.* field
     tokenizer = check_data_config(cfg.data)
     _require(m.vocab_size >= tokenizer.vocab_size, "model.vocab_size", m.vocab_size,

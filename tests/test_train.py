@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from gigajax.config import load_config
+from gigajax.distributed import place_batch
 from gigajax.mesh import make_mesh
-from gigajax.train.loop import init_state, place_batch, train
+from gigajax.train.loop import train
+from gigajax.train.state import StateBuilder, layout_for
 from gigajax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,13 @@ SMALL_RUN = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
 def random_batch(batch, length, vocab, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "inputs": jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)),
-        "segment_ids": jnp.ones((batch, length), jnp.int32),
+        "inputs": rng.integers(0, vocab, (batch, length)).astype(np.int32),
+        "targets": rng.integers(0, vocab, (batch, length)).astype(np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+        "segment_ids": np.ones((batch, length), np.int32),
         # uneven masks: microbatches hold different token counts, so normalisation matters
-        "loss_mask": jnp.asarray(rng.random((batch, length)) < 0.3 + 0.6 * (
-            np.arange(batch)[:, None] % 3 == 0), jnp.float32),
+        "loss_mask": (rng.random((batch, length)) < 0.3 + 0.6 * (
+            np.arange(batch)[:, None] % 3 == 0)).astype(np.float32),
     }
 
 
@@ -44,9 +45,12 @@ def one_step(data_parallel: int, microbatches: int):
     mesh = make_mesh(cfg.mesh, jax.devices()[:data_parallel])
     tx = optax.sgd(0.5)
     with jax.set_mesh(mesh):
-        graphdef, state = init_state(cfg, mesh, tx)
-        batch = place_batch(random_batch(8, 64, cfg.model.vocab_size), mesh)
-        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(0.5), microbatches))
+        layout = layout_for(cfg, mesh)
+        builder = StateBuilder(cfg, mesh, layout, tx)
+        state = builder.init()
+        batch = place_batch(random_batch(8, 64, cfg.model.vocab_size), mesh, 8)
+        step = jax.jit(make_train_step(builder.graphdef, tx, optax.constant_schedule(0.5),
+                                       microbatches, rules=layout.activations))
         return jax.device_get(state), jax.device_get(step(state, batch))
 
 

@@ -80,8 +80,13 @@ def make_dataset(
     shuffle: bool = True,
     repeat: bool = True,
     eos_id: int = ByteTokenizer.eos_id,
+    rows: slice | None = None,
 ) -> grain.MapDataset:
-    """A random-access dataset whose item s is the batch for step s (a function of seed and s)."""
+    """A random-access dataset whose item s is the batch for step s (a function of seed and s).
+
+    `rows` selects this process's rows of each global batch (all rows when None): a process
+    reads only the windows it feeds to its own devices.
+    """
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
     n = num_windows(len(tokens), seq_len)
@@ -96,8 +101,13 @@ def make_dataset(
         ds = ds.shuffle(seed=_shuffle_seed(seed))  # a fresh permutation every epoch
     if repeat:
         ds = ds.repeat()  # infinite; batches may straddle an epoch boundary
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.map(functools.partial(batch_features, eos_id=eos_id))
+    local = range(*(rows or slice(0, batch_size)).indices(batch_size))
+
+    def local_windows(step: int) -> np.ndarray:  # rows `local` of the global batch `step`
+        return np.stack([ds[step * batch_size + r] for r in local])
+
+    batches = grain.MapDataset.range(len(ds) // batch_size).map(local_windows)
+    return batches.map(functools.partial(batch_features, eos_id=eos_id))
 
 
 def batch_iterator(ds: grain.MapDataset, start_step: int, prefetch: int = 2) -> Iterator[Batch]:
@@ -115,6 +125,7 @@ def eval_batches(
     batch_size: int,
     num_batches: int,
     eos_id: int = ByteTokenizer.eos_id,
+    rows: slice | None = None,
 ) -> list[Batch]:
     """The first `num_batches` batches of the unshuffled validation stream (a fixed list)."""
     n = num_windows(len(tokens), seq_len)
@@ -133,6 +144,7 @@ def eval_batches(
         eos_id=eos_id,
         shuffle=False,
         repeat=False,
+        rows=rows,
     )
     return [ds[i] for i in range(num_batches)]
 
@@ -149,9 +161,12 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def build_datasets(
-    data_cfg: ml_collections.ConfigDict, seed: int
+    data_cfg: ml_collections.ConfigDict, seed: int, rows: slice | None = None
 ) -> tuple[Tokenizer, grain.MapDataset, np.ndarray]:
-    """From the `data` config: (tokenizer, train batches dataset, validation token stream)."""
+    """From the `data` config: (tokenizer, train batches dataset, validation token stream).
+
+    `rows`: this process's rows of each training batch (see `make_dataset`).
+    """
     tokenizer = check_data_config(data_cfg)
     max_bytes = int(data_cfg.max_bytes) or None
     load = functools.partial(
@@ -167,5 +182,6 @@ def build_datasets(
         batch_size=data_cfg.batch_size,
         seed=seed,
         eos_id=tokenizer.eos_id,
+        rows=rows,
     )
     return tokenizer, train_ds, load("validation")

@@ -39,8 +39,8 @@ class SwiGLU(nnx.Module):
         dtype = x_BTD.dtype
         gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dtype))
         up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dtype))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF,
-                          self.w_down[...].astype(dtype))
+        hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "inner_seq", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.w_down[...].astype(dtype))
 
 
 class Block(nnx.Module):

@@ -42,7 +42,9 @@ class Decoder(nnx.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        x_BTD = constrain(self.embed[...][tokens_BT].astype(dtype), ("batch", "seq", "embed"))
+        # FSDP-gather the table first; a vocab-parallel lookup is then a masked local gather
+        table_VD = constrain(self.embed[...], ("vocab", "embed"))
+        x_BTD = constrain(table_VD[tokens_BT].astype(dtype), ("batch", "seq", "embed"))
         inv_freq, mscale = rope_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
@@ -52,7 +54,7 @@ class Decoder(nnx.Module):
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dtype),
                                 preferred_element_type=jnp.float32)  # the loss is fp32
-        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+        return constrain(logits_BTV, ("batch", "inner_seq", "vocab"))
 
     def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, segment_ids_BT):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""

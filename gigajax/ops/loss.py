@@ -20,7 +20,9 @@ def cross_entropy_sums(logits_BTV: jnp.ndarray, targets_BT: jnp.ndarray,
     logits_BTV = logits_BTV.astype(jnp.float32)
     mask_BT = loss_mask_BT.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    # a masked sum rather than a gather, so a vocab-sharded logits array needs no all-gather
+    vocab_V = jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
+    target_logit_BT = jnp.sum(jnp.where(vocab_V == targets_BT[..., None], logits_BTV, 0.0), -1)
     nll_sum = jnp.sum((lse_BT - target_logit_BT) * mask_BT)
     z_sum = z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT)
     return nll_sum, z_sum, jnp.sum(mask_BT)

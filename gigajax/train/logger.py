@@ -25,11 +25,15 @@ class MetricsLogger:
 
     def __init__(self, workdir: Path, start_step: int, total_steps: int, log_every: int,
                  tokens_per_step: int, *, progress: bool = True, peak_flops: float = 0.0,
-                 flops_per_token: float = 0.0):
+                 flops_per_token: float = 0.0, enabled: bool = True):
+        """`enabled=False` (every process but the first of a multi-process run) writes nothing."""
+        self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
-        self._truncate_after(start_step)
-        self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+        self.file, self.tb = None, None
+        if enabled:
+            self._truncate_after(start_step)
+            self.file = self.path.open("a")
+            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
         self.log_every, self.total_steps = log_every, total_steps
         self.tokens_per_step = tokens_per_step
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
@@ -61,7 +65,8 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:
-        self.progress.console.print(message)
+        if self.enabled:
+            self.progress.console.print(message)
 
     def record(self, step: int, metrics: dict[str, jax.Array],
                eval_loss: float | None = None, paused_seconds: float = 0.0) -> None:
@@ -91,11 +96,12 @@ class MetricsLogger:
                 row["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step":
-                self.tb.add_scalar(key, value, step)
+        if self.enabled:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, step)
         self.summary.update(row)
         status = f"loss {row['loss']:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss else "")
         self.progress.update(self.task, status=status)
@@ -105,5 +111,6 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.progress.stop()
-        self.file.close()
-        self.tb.close()
+        if self.enabled:
+            self.file.close()
+            self.tb.close()

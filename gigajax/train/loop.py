@@ -7,58 +7,62 @@ command again resumes from the latest checkpoint; an interrupt (Ctrl-C) saves on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from flax import nnx
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gigajax import distributed
 from gigajax.config import ModelConfig
 from gigajax.data.pipeline import batch_iterator, build_datasets, eval_batches
-from gigajax.errors import ConfigError
+from gigajax.distributed import BATCH_SPEC, place_batch, process_rows
 from gigajax.mesh import make_mesh
-from gigajax.model import Decoder
-from gigajax.sharding import init_sharded
+from gigajax.sharding import Layout
 from gigajax.train.checkpoint import Checkpointer
 from gigajax.train.flops import flops_per_token, peak_flops_per_device
 from gigajax.train.logger import MetricsLogger
 from gigajax.train.optim import make_optimizer
+from gigajax.train.state import StateBuilder, layout_for
 from gigajax.train.step import make_eval_step, make_train_step
 
-BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")
+
+@dataclasses.dataclass
+class Training:
+    """Everything compiled for one (config, mesh): state layout and the jitted steps."""
+
+    layout: Layout
+    state: StateBuilder
+    train_step: Callable  # (state, batch) -> (state, metrics); donates the state
+    eval_step: Callable  # (params, batch) -> (nll_sum, token_count)
+    schedule: optax.Schedule
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Put a host batch [B, T] on the mesh: B over data x fsdp, T over sequence."""
-    return jax.device_put(batch, NamedSharding(mesh, BATCH_SPEC))
-
-
-def init_state(cfg: ml_collections.ConfigDict, mesh: Mesh, tx) -> tuple[nnx.GraphDef, dict]:
-    """A fresh train state, each parameter and optimizer moment built in its own sharding."""
-    model_cfg = ModelConfig.from_config(cfg)
-    graphdef, params = init_sharded(
-        lambda: Decoder(model_cfg, rngs=nnx.Rngs(cfg.train.seed)), mesh)
-    opt_state = jax.jit(tx.init)(params)
-    return graphdef, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-
-
-def check_batch_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The global batch must split evenly over data-parallel devices and microbatches."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_micro = cfg.data.batch_size // cfg.train.microbatches
-    if per_micro % dp:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} / train.microbatches="
-            f"{cfg.train.microbatches} = {per_micro} rows per microbatch do not split over the "
-            f"{dp} data-parallel devices (mesh.data x mesh.fsdp): make it a multiple of {dp}.")
+def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
+    """Check the layout, derive every sharding, and jit the steps with them pinned."""
+    layout = layout_for(cfg, mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    state = StateBuilder(cfg, mesh, layout, tx)
+    batch = NamedSharding(mesh, BATCH_SPEC)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    t = cfg.train
+    train_step = jax.jit(
+        make_train_step(state.graphdef, tx, schedule, t.microbatches, t.z_loss,
+                        layout.activations),
+        in_shardings=(state.shardings, batch), out_shardings=(state.shardings, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations),
+                        in_shardings=(state.shardings["params"], batch),
+                        out_shardings=replicated)
+    return Training(layout, state, train_step, eval_step, schedule)
 
 
 def _stop_on_sigterm():
@@ -82,41 +86,43 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
           ) -> dict[str, Any]:
     """Train (or resume) per `cfg` in `workdir`; returns a summary of the last logged metrics."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    main = distributed.is_main_process()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     mesh = make_mesh(cfg.mesh)
-    check_batch_layout(cfg, mesh)
-    tokenizer, train_ds, val_tokens = build_datasets(cfg.data, cfg.train.seed)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    t = cfg.train
+    t, batch_size = cfg.train, cfg.data.batch_size
     with jax.set_mesh(mesh):
-        graphdef, state = init_state(cfg, mesh, tx)
+        training = build_training(cfg, mesh)
+        rows = process_rows(mesh, batch_size)  # this process reads only its own rows
+        tokenizer, train_ds, val_tokens = build_datasets(cfg.data, t.seed, rows)
         checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint.max_to_keep,
                                     cfg.checkpoint.async_save)
-        if (latest := checkpointer.latest_step()) is not None:
-            state, _ = checkpointer.restore(latest, state)
+        if (latest := checkpointer.latest_step()) is not None:  # restore straight into place
+            state, _ = checkpointer.restore(latest, training.state.abstract)
+        else:
+            state = training.state.init()
         start = int(state["step"])
-        train_step = jax.jit(make_train_step(graphdef, tx, schedule, t.microbatches, t.z_loss),
-                             donate_argnums=0)
-        eval_fn = jax.jit(make_eval_step(graphdef))
-        val = [place_batch(b, mesh) for b in eval_batches(
-            val_tokens, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-            num_batches=t.eval_batches, eos_id=tokenizer.eos_id)]
+        val = [place_batch(b, mesh, batch_size) for b in eval_batches(
+            val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
+            num_batches=t.eval_batches, eos_id=tokenizer.eos_id, rows=rows)]
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         model_flops = flops_per_token(ModelConfig.from_config(cfg), cfg.data.seq_len)
-        logger = MetricsLogger(workdir, start, t.steps, t.log_every,
-                               cfg.data.batch_size * cfg.data.seq_len, progress=progress,
+        logger = MetricsLogger(workdir, start, t.steps, t.log_every, batch_size * cfg.data.seq_len,
+                               progress=progress and main, enabled=main,
                                peak_flops=peak_flops_per_device(t.peak_flops_per_device)
                                * mesh.size, flops_per_token=model_flops)
         logger.info(f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} on "
-                    f"{jax.device_count()} {jax.default_backend()} devices; "
+                    f"{jax.device_count()} {jax.default_backend()} devices in "
+                    f"{jax.process_count()} process(es); "
                     + (f"resuming at step {start}" if start else "starting at step 0"))
         meta = {"config": json.loads(cfg.to_json_best_effort())}
         previous_sigterm = _stop_on_sigterm()
         try:
             batches = batch_iterator(train_ds, start)
             for step in range(start, t.steps):
-                state, metrics = train_step(state, place_batch(next(batches), mesh))
+                state, metrics = training.train_step(
+                    state, place_batch(next(batches), mesh, batch_size))
                 done = step + 1
                 is_eval = done % t.eval_every == 0 or done == t.steps
                 is_save = done % t.checkpoint_every == 0 or done == t.steps
@@ -125,7 +131,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     jax.block_until_ready(metrics)
                     pause_start = time.perf_counter()
                     if is_eval:
-                        eval_loss = evaluate(eval_fn, state["params"], val)
+                        eval_loss = evaluate(training.eval_step, state["params"], val)
                     if is_save:
                         checkpointer.save(done, state, {**meta, "step": done})
                     paused = time.perf_counter() - pause_start

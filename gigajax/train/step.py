@@ -17,17 +17,23 @@ import optax
 from flax import nnx
 
 from gigajax.ops.loss import cross_entropy_sums
+from gigajax.sharding import DATA_PARALLEL, Rules, activation_rules
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0) -> Callable:
-    """`loss_fn(params, batch) -> (nll_sum + z_sum, (nll_sum, token_count))`."""
+def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
+                 rules: Rules = DATA_PARALLEL.activations) -> Callable:
+    """`loss_fn(params, batch) -> (nll_sum + z_sum, (nll_sum, token_count))`.
+
+    `rules` are the layout's activation rules, in force while the model is traced.
+    """
 
     def loss_fn(params: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params)
-        logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        with activation_rules(rules):
+            logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
         nll_sum, z_sum, count = cross_entropy_sums(logits_BTV, batch["targets"],
                                                    batch["loss_mask"], z_loss)
         return nll_sum + z_sum, (nll_sum, count)
@@ -47,10 +53,11 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, microbatches: int = 1,
-                    z_loss: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
+                    rules: Rules = DATA_PARALLEL.activations
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a global batch, accumulating `microbatches` gradients by scan."""
-    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss), has_aux=True)
+    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss, rules), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
@@ -76,9 +83,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch], tuple]:
+def make_eval_step(graphdef: nnx.GraphDef, rules: Rules = DATA_PARALLEL.activations
+                   ) -> Callable[[nnx.State, Batch], tuple]:
     """`eval_step(params, batch) -> (nll_sum, token_count)`; average over batches on the host."""
-    loss_fn = make_loss_fn(graphdef)
+    loss_fn = make_loss_fn(graphdef, rules=rules)
 
     def eval_step(params: nnx.State, batch: Batch):
         return loss_fn(params, batch)[1]

@@ -1,0 +1,73 @@
+"""The train state `{step, params, opt_state}`: its layout on the mesh, built or restored in place.
+
+Shapes come from `jax.eval_shape` and shardings from the layout's rule tables, so the state is
+created (jit with `out_shardings`) or restored (Orbax into `ShapeDtypeStruct`s with shardings)
+directly in its final layout: no device ever holds a full replica it is not meant to hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gigajax.config import ModelConfig
+from gigajax.model import Decoder
+from gigajax.sharding import (
+    Layout,
+    abstract_model,
+    check_intent,
+    check_layout,
+    init_sharded,
+    make_layout,
+    optimizer_shardings,
+    param_shardings,
+)
+
+TrainState = dict[str, Any]
+
+
+def layout_for(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
+    """Check that the model and batch split over `mesh`, and return the layout's rule tables."""
+    m = cfg.model
+    sizes = dict(mesh.shape)
+    check_layout(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_model=m.d_model,
+                 mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, mesh_sizes=sizes,
+                 batch_size=cfg.data.batch_size, microbatches=cfg.train.microbatches)
+    return make_layout(m.n_kv_heads, sizes, cfg.sharding.zero_stage, cfg.sharding.megatron_sp)
+
+
+class StateBuilder:
+    """Abstract shapes, shardings, and a jitted init for one (config, mesh, layout, optimizer)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, mesh: Mesh, layout: Layout,
+                 tx: optax.GradientTransformation):
+        model_cfg = ModelConfig.from_config(cfg)
+        seed = cfg.train.seed
+        self.create = lambda: Decoder(model_cfg, rngs=nnx.Rngs(seed))
+        self.graphdef, abstract_params = abstract_model(self.create)
+        self.tx, self.mesh = tx, mesh
+        params = param_shardings(abstract_params, mesh, layout.params)
+        check_intent(abstract_params, params, mesh, zero_stage=cfg.sharding.zero_stage,
+                     n_kv_heads=cfg.model.n_kv_heads)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.shardings: TrainState = {
+            "step": replicated, "params": params,
+            "opt_state": optimizer_shardings(tx, abstract_params, mesh, layout.optimizer)}
+        abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                          "opt_state": jax.eval_shape(tx.init, abstract_params)}
+        self.abstract: TrainState = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+            self.shardings)
+
+    def init(self) -> TrainState:
+        """A fresh state, each parameter and optimizer moment built in its own sharding."""
+        params = init_sharded(self.create, self.shardings["params"])
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])
+        return {"step": step, "params": params, "opt_state": opt_state}

@@ -1,0 +1,178 @@
+"""Every mesh layout trains like one device: losses, gradients and parameters, fp32 (8 CPU devices).
+
+Tolerances (fp32): loss relative 1e-5; gradients and parameters 1e-4 relative to each
+parameter's largest entry (max |a - b| / max |b|), worst parameter.
+"""
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gigajax.check_layouts import (
+    GRAD_RTOL,
+    LOSS_RTOL,
+    check_layouts,
+    layout_config,
+    max_relative_difference,
+    parse_layouts,
+    run_layout,
+)
+from gigajax.config import load_config
+from gigajax.data.pipeline import build_datasets
+from gigajax.errors import ConfigError, GigajaxError
+from gigajax.mesh import make_mesh
+from gigajax.sharding import Layout, make_layout
+from gigajax.train.optim import make_optimizer
+from gigajax.train.state import StateBuilder
+
+ROOT = Path(__file__).resolve().parents[1]
+# H=4 query heads, K=2 KV heads: tensor=2 splits KV heads, tensor=4 replicates them
+TEST_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
+              "--config.model.n_layers=2", "--config.data.seq_len=64",
+              "--config.data.batch_size=8", "--config.data.max_bytes=300000",
+              "--config.attention.block_q=32", "--config.attention.block_kv=32",
+              "--config.optim.warmup_steps=1", "--config.train.z_loss=1e-4"]
+LAYOUTS = [
+    "data=8",                                     # pure data parallel
+    "fsdp=8",                                     # FSDP / ZeRO-3
+    "fsdp=8,zero_stage=1",                        # ZeRO-1: optimizer state only
+    "tensor=4",                                   # Megatron TP, KV heads replicated
+    "tensor=2,megatron_sp=1",                     # TP + Megatron sequence parallel
+    "data=4,tensor=2",                            # dp x tp
+    "fsdp=2,tensor=4,megatron_sp=1",              # fsdp x tp (+ sp)
+    "data=2,fsdp=2,tensor=2",                     # dp x fsdp x tp
+    "data=2,fsdp=2,tensor=2,zero_stage=1,megatron_sp=1",
+]
+STEPS = 3
+
+
+def tiny_test_config(*overrides):
+    return load_config(ROOT / "configs" / "tiny.py", [*TEST_MODEL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def batches():
+    cfg = tiny_test_config()
+    _, train_ds, _ = build_datasets(cfg.data, cfg.train.seed)
+    # start at the first batch that packs two documents in a row, so segment ids are exercised
+    first = next(s for s in range(1000) if train_ds[s]["segment_ids"].max() > 1)
+    return [train_ds[first + i] for i in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def reference(batches):
+    return run_layout(tiny_test_config(), {}, batches)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_equals_one_device(layout, batches, reference):
+    run = run_layout(tiny_test_config(), parse_layouts(layout)[0], batches)
+    np.testing.assert_allclose(run.losses, reference.losses, rtol=LOSS_RTOL)
+    assert max_relative_difference(run.grads, reference.grads) <= GRAD_RTOL
+    assert max_relative_difference(run.params, reference.params) <= GRAD_RTOL  # after 3 steps
+    moved = max_relative_difference(run.params, jax.tree.map(np.zeros_like, run.params))
+    assert moved > 0 and reference.losses[2] != reference.losses[1]  # the steps did train
+
+
+def shard_shapes(layout: str) -> tuple[dict, dict]:
+    """Per-device shapes of each parameter and each first moment under a layout (no compile)."""
+    cfg = layout_config(tiny_test_config(), parse_layouts(layout)[0])
+    n = math.prod(cfg.mesh.values())
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    builder = StateBuilder(cfg, mesh, make_layout(2, dict(mesh.shape), cfg.sharding.zero_stage,
+                                                  cfg.sharding.megatron_sp), tx)
+
+    def shapes(tree):
+        return {jax.tree_util.keystr(p).replace("'", ""): tuple(s.sharding.shard_shape(s.shape))
+                for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+
+    params = shapes(builder.abstract["params"])
+    moments = shapes(builder.abstract["opt_state"][1][0].mu)
+    return params, moments
+
+
+# (layout, parameter, per-device shape of the parameter and of its first moment)
+# with L=2, D=64, H=4, K=2, E=16, F=128, V=384
+SHARDINGS = [
+    ("data=8", "[embed].value", (384, 64), (384, 64)),
+    ("data=8", "[blocks][attn][wq].value", (2, 64, 4, 16), (2, 64, 4, 16)),
+    ("fsdp=8", "[embed].value", (384, 8), (384, 8)),
+    ("fsdp=8", "[blocks][attn][wq].value", (2, 8, 4, 16), (2, 8, 4, 16)),
+    ("fsdp=8", "[blocks][mlp][w_down].value", (2, 128, 8), (2, 128, 8)),
+    ("fsdp=8", "[blocks][attn_norm][scale].value", (2, 8), (2, 8)),
+    ("fsdp=8,zero_stage=1", "[blocks][attn][wq].value", (2, 64, 4, 16), (2, 8, 4, 16)),
+    ("fsdp=8,zero_stage=1", "[embed].value", (384, 64), (384, 8)),
+    ("tensor=4", "[embed].value", (96, 64), (96, 64)),
+    ("tensor=4", "[lm_head].value", (64, 96), (64, 96)),
+    ("tensor=4", "[blocks][attn][wq].value", (2, 64, 1, 16), (2, 64, 1, 16)),
+    ("tensor=4", "[blocks][attn][wk].value", (2, 64, 2, 16), (2, 64, 2, 16)),  # KV replicated
+    ("tensor=4", "[blocks][attn][wo].value", (2, 1, 16, 64), (2, 1, 16, 64)),
+    ("tensor=4", "[blocks][mlp][w_gate].value", (2, 64, 32), (2, 64, 32)),
+    ("tensor=4", "[blocks][mlp][w_down].value", (2, 32, 64), (2, 32, 64)),
+    ("tensor=2", "[blocks][attn][wk].value", (2, 64, 1, 16), (2, 64, 1, 16)),  # KV split
+    ("data=2,fsdp=2,tensor=2", "[blocks][attn][wq].value", (2, 32, 2, 16), (2, 32, 2, 16)),
+    ("data=2,fsdp=2,tensor=2", "[blocks][mlp][w_up].value", (2, 32, 64), (2, 32, 64)),
+]
+
+
+@pytest.mark.parametrize("layout,name,param_shape,moment_shape", SHARDINGS)
+def test_parameter_shardings_follow_the_layout(layout, name, param_shape, moment_shape):
+    params, moments = shard_shapes(layout)
+    assert params[name] == param_shape
+    assert moments[name] == moment_shape
+
+
+@pytest.mark.parametrize("dropped,axis", [("mlp", "tensor"), ("embed", "fsdp")])
+def test_a_rule_table_that_leaves_weights_unsharded_fails_loudly(dropped, axis):
+    cfg = layout_config(tiny_test_config(), {"fsdp": 2, "tensor": 4})
+    mesh = make_mesh(cfg.mesh, jax.devices())
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    good = make_layout(2, dict(mesh.shape))
+    StateBuilder(cfg, mesh, good, tx)  # the real rules pass
+    broken = Layout(params={k: v for k, v in good.params.items() if k != dropped},
+                    optimizer=good.optimizer, activations=good.activations)
+    with pytest.raises(GigajaxError, match=rf"not split over `{axis}`"):
+        StateBuilder(cfg, mesh, broken, tx)
+
+
+BAD_LAYOUTS = [
+    ({"data": 3}, [], "devices"),  # 3 x 1 x 1 x 1 != 8 is checked when the mesh is made
+    ({"tensor": 4}, ["--config.model.n_heads=2", "--config.model.n_kv_heads=2"], "model.n_heads"),
+    ({"tensor": 2}, ["--config.model.n_heads=6", "--config.model.n_kv_heads=3",
+                     "--config.model.head_dim=16"], "model.n_kv_heads"),
+    ({"tensor": 2}, ["--config.model.vocab_size=385"], "model.vocab_size"),
+    ({"tensor": 4}, ["--config.model.mlp_dim=102"], "model.mlp_dim"),
+    ({"fsdp": 8}, ["--config.model.d_model=36", "--config.model.head_dim=16"], "model.d_model"),
+    ({"data": 8}, ["--config.data.batch_size=4", "--config.train.eval_batches=1"],
+     "data.batch_size"),
+    ({"data": 4}, ["--config.train.microbatches=4"], "train.microbatches"),
+]
+
+
+@pytest.mark.parametrize("layout,overrides,field", BAD_LAYOUTS,
+                         ids=[b[2] for b in BAD_LAYOUTS])
+def test_bad_layouts_are_clear_errors(layout, overrides, field):
+    cfg = tiny_test_config(*overrides)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        c = layout_config(cfg, layout)
+        make_mesh(c.mesh, jax.devices())
+
+
+def test_layout_strings_are_checked():
+    assert parse_layouts("data=8; tensor=2,data=4;fsdp=8,zero_stage=1,megatron_sp=1") == [
+        {"data": 8}, {"tensor": 2, "data": 4}, {"fsdp": 8, "zero_stage": 1, "megatron_sp": True}]
+    for bad in ("", "dta=8", "data=eight", "data"):
+        with pytest.raises(ConfigError):
+            parse_layouts(bad)
+
+
+def test_check_layouts_table(tmp_path, capsys):
+    rows = check_layouts(tiny_test_config(), parse_layouts("tensor=2,data=4"), steps=2,
+                         output=tmp_path / "rows.json")
+    assert [r["layout"] for r in rows] == ["1 device", "tensor=2,data=4"]
+    assert all(r["ok"] for r in rows) and (tmp_path / "rows.json").exists()
+    assert "tensor=2,data=4" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""Two processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--config", str(ROOT / "configs" / "tiny.py"), "--no-progress",
+       "--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.n_layers=2",
+       "--config.data.seq_len=64", "--config.data.batch_size=8",
+       "--config.data.max_bytes=300000", "--config.attention.block_q=32",
+       "--config.attention.block_kv=32", "--config.train.steps=3", "--config.train.log_every=1",
+       "--config.optim.warmup_steps=1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+       "--config.mesh.tensor=2"]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets device counts
+
+
+def free_port() -> int:
+    """A free port in 61440..65535: JAX's SLURM coordinator port is 61440 + job id % 4096."""
+    for port in random.sample(range(61440, 65536), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 61440..65535")
+
+
+def gigajax_train(workdir, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "gigajax.cli", "train", "--workdir",
+                             str(workdir), *RUN, *extra], cwd=ROOT, env={**ENV, **(env or {})},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process) -> str:
+    try:
+        out, _ = process.communicate(timeout=420)
+    except subprocess.TimeoutExpired:  # a crashed peer can leave the other one waiting
+        process.kill()
+        out, _ = process.communicate()
+    assert process.returncode == 0, out
+    return out
+
+
+def losses(workdir) -> list[float]:
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one")
+    finish(gigajax_train(workdir))
+    return losses(workdir)
+
+
+def worker(workdir, how: str, rank: int, port: int):
+    """Process `rank` of 2, told by flags or (as srun would) by SLURM's environment."""
+    if how == "flags":
+        return gigajax_train(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                             "2", "--process-id", str(rank))
+    return gigajax_train(workdir, env={  # job id `port` gives coordinator port `port`
+        "SLURM_JOB_ID": str(port), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["flags", "slurm"])
+def test_two_processes_match_one(how, tmp_path, one_process_losses):
+    port = free_port()
+    workers = [worker(tmp_path, how, rank, port) for rank in range(2)]
+    outputs = [finish(w) for w in workers]
+    assert "8 cpu devices in 2 process(es)" in outputs[0]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # one writer
+    assert (tmp_path / "checkpoints" / "3").is_dir()  # a multi-process Orbax save
+    two = losses(tmp_path)
+    assert len(two) == len(one_process_losses) == 3
+    for a, b in zip(two, one_process_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
