@@ -28,13 +28,13 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gigajax.check_layouts import layout_config, layout_name, parse_layouts  # noqa: E402
 from gigajax.config import load_config  # noqa: E402
 from gigajax.distributed import BATCH_SPEC  # noqa: E402
 from gigajax.mesh import make_mesh  # noqa: E402
+from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/layout_memory.json")
     args, overrides = parser.parse_known_args()
     cfg = load_config(args.config, overrides)
-    console = Console()
+    console = log_console()
     rows = []
     for layout in parse_layouts(args.layouts):
         with console.status(f"compiling {layout_name(layout)}"):

@@ -33,6 +33,7 @@ from gigajax.data.pipeline import build_datasets
 from gigajax.distributed import BATCH_SPEC, place_batch
 from gigajax.errors import ConfigError
 from gigajax.mesh import AXES, make_mesh
+from gigajax.train.logger import log_console
 from gigajax.train.loop import build_training
 from gigajax.train.step import make_loss_fn
 
@@ -149,7 +150,7 @@ def check_layouts(cfg: ml_collections.ConfigDict, layouts: list[Layout], steps: 
                   output: str | Path | None = None, console: Console | None = None
                   ) -> list[dict[str, Any]]:
     """Run every layout and one device on the same `steps` batches; print and return the rows."""
-    console = console or Console()
+    console = console or log_console()
     for layout in layouts:  # all config errors before any compiling
         layout_config(cfg, layout)
     _, train_ds, _ = build_datasets(cfg.data, cfg.train.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from tensorboardX import SummaryWriter
+
+
+def log_console(stderr: bool = False) -> Console:
+    """A rich Console that keeps lines whole when output goes to a file or pipe (rich's 80 columns
+    would break log lines that scripts and tests search)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
 
 
 class MetricsLogger:
@@ -37,7 +45,7 @@ class MetricsLogger:
         self.log_every, self.total_steps = log_every, total_steps
         self.tokens_per_step = tokens_per_step
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
-        self.console = Console(stderr=True)
+        self.console = log_console(stderr=True)
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(),
