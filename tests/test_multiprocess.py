@@ -1,4 +1,8 @@
-"""Two processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8."""
+"""Two processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8.
+
+Started three ways: explicit coordinator flags, SLURM's environment, and the sbatch template
+itself under a stand-in `srun` that starts its tasks on this machine.
+"""
 
 import json
 import os
@@ -61,21 +65,57 @@ def one_process_losses(tmp_path_factory):
     return losses(workdir)
 
 
+# SLURM's srun, played on one machine: SLURM_NTASKS copies of the command, each told its rank
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do shift; done  # srun's own options
+pids=()
+for ((rank = 0; rank < SLURM_NTASKS; rank++)); do
+    SLURM_PROCID=$rank SLURM_LOCALID=$rank "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def slurm_env(port: int) -> dict[str, str]:
+    """A two-task step on localhost; job id `port` makes JAX pick coordinator port `port`."""
+    return {"SLURM_JOB_ID": str(port), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2"}
+
+
+def sbatch(workdir, port: int):
+    """`bash experiments/slurm/train.sbatch` as SLURM would run it, srun faked (see above)."""
+    bin_dir = Path(workdir) / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = {**ENV, **slurm_env(port), "SLURM_JOB_NAME": "test", "PATH": f"{bin_dir}:{ENV['PATH']}",
+           "CONFIG": str(ROOT / "configs" / "tiny.py"), "WORKDIR": str(workdir),
+           "PYTHON": sys.executable}
+    overrides = [a for a in RUN if a.startswith("--config.")]  # the script adds --config itself
+    return subprocess.Popen(["bash", str(ROOT / "experiments" / "slurm" / "train.sbatch"),
+                             *overrides], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def worker(workdir, how: str, rank: int, port: int):
     """Process `rank` of 2, told by flags or (as srun would) by SLURM's environment."""
     if how == "flags":
         return gigajax_train(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
                              "2", "--process-id", str(rank))
-    return gigajax_train(workdir, env={  # job id `port` gives coordinator port `port`
-        "SLURM_JOB_ID": str(port), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
-        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+    return gigajax_train(workdir, env={**slurm_env(port), "SLURM_PROCID": str(rank),
+                                       "SLURM_LOCALID": str(rank)})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["flags", "slurm"])
+@pytest.mark.parametrize("how", ["flags", "slurm", "sbatch"])
 def test_two_processes_match_one(how, tmp_path, one_process_losses):
     port = free_port()
-    workers = [worker(tmp_path, how, rank, port) for rank in range(2)]
+    if how == "sbatch":
+        workers = [sbatch(tmp_path, port)]  # one srun: both tasks' output, interleaved
+    else:
+        workers = [worker(tmp_path, how, rank, port) for rank in range(2)]
     outputs = [finish(w) for w in workers]
     assert "8 cpu devices in 2 process(es)" in outputs[0]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # one writer
