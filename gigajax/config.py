@@ -275,9 +275,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(isinstance(cfg.sharding.megatron_sp, bool), "sharding.megatron_sp",
              cfg.sharding.megatron_sp, "use true or false")
     if fixed_device_count(cfg.mesh) is not None:  # otherwise checked once the mesh exists
-        check_layout(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_model=m.d_model,
-                     mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, mesh_sizes=dict(cfg.mesh),
-                     batch_size=cfg.data.batch_size, microbatches=cfg.train.microbatches)
+        check_layout(cfg, dict(cfg.mesh))
     make_optimizer(cfg.optim, cfg.train.steps)  # raises ConfigError naming the optim.* field
     tokenizer = check_data_config(cfg.data)
     _require(m.vocab_size >= tokenizer.vocab_size, "model.vocab_size", m.vocab_size,

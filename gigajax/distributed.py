@@ -1,9 +1,11 @@
 """Multi-process runs: start `jax.distributed`, and give each process only its rows of a batch.
 
-One process per host (or per GPU); all processes run the same program on one global mesh. Each
+One process per GPU under SLURM (JAX's detection gives task i of a node that node's GPU i), one
+per host or per GPU elsewhere; all processes run the same program on one global mesh. Each
 process reads only the batch rows its own devices hold and `jax.make_array_from_process_local_data`
 joins them into one global array. Process 0 alone writes logs; every process takes part in
-checkpoint saves (Orbax writes each process's shards).
+checkpoint saves (Orbax writes each process's shards); on SIGTERM, JAX's preemption service lets
+them agree on the step to save (`train/loop.py`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -74,9 +75,13 @@ def make_layout(n_kv_heads: int, mesh_sizes: Mapping[str, int], zero_stage: int 
                      "inner_seq": "sequence", **tensor_rules})
 
 
-def check_layout(*, n_heads: int, n_kv_heads: int, d_model: int, mlp_dim: int, vocab_size: int,
-                 mesh_sizes: Mapping[str, int], batch_size: int, microbatches: int) -> None:
+def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) -> None:
     """ConfigError, naming the field, when the model or batch does not split over the mesh."""
+    m = cfg.model
+    n_heads, n_kv_heads, d_model, mlp_dim, vocab_size = (
+        m.n_heads, m.n_kv_heads, m.d_model, m.mlp_dim, m.vocab_size)
+    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
+    microbatches, megatron_sp = cfg.train.microbatches, cfg.sharding.megatron_sp
     tp, fsdp = mesh_sizes["tensor"], mesh_sizes["fsdp"]
     dp = mesh_sizes["data"] * fsdp
     for field, value in (("model.n_heads", n_heads), ("model.mlp_dim", mlp_dim),
@@ -93,6 +98,10 @@ def check_layout(*, n_heads: int, n_kv_heads: int, d_model: int, mlp_dim: int, v
     if d_model % fsdp:
         raise ConfigError(f"config.model.d_model={d_model} does not split over mesh.fsdp={fsdp}: "
                           f"FSDP shards the embed dim, so it must be a multiple of {fsdp}.")
+    if megatron_sp and seq_len % tp:
+        raise ConfigError(f"config.data.seq_len={seq_len} does not split over mesh.tensor={tp}: "
+                          "Megatron sequence parallelism (sharding.megatron_sp) shards the "
+                          f"residual stream's sequence over `tensor`; use a multiple of {tp}.")
     per_micro = batch_size // microbatches
     if per_micro % dp:
         raise ConfigError(

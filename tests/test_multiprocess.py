@@ -7,9 +7,11 @@ itself under a stand-in `srun` that starts its tasks on this machine.
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +56,10 @@ def finish(process) -> str:
 
 
 def losses(workdir) -> list[float]:
-    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    """Training loss per logged step, then the evaluation losses (at the last step here)."""
+    records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text()
+               .splitlines()]
+    return [r["loss"] for r in records] + [r["eval_loss"] for r in records if "eval_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +103,12 @@ def sbatch(workdir, port: int):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def worker(workdir, how: str, rank: int, port: int):
+def worker(workdir, how: str, rank: int, port: int, *extra: str):
     """Process `rank` of 2, told by flags or (as srun would) by SLURM's environment."""
     if how == "flags":
-        return gigajax_train(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                             "2", "--process-id", str(rank))
-    return gigajax_train(workdir, env={**slurm_env(port), "SLURM_PROCID": str(rank),
+        return gigajax_train(workdir, *extra, "--coordinator", f"127.0.0.1:{port}",
+                             "--num-processes", "2", "--process-id", str(rank))
+    return gigajax_train(workdir, *extra, env={**slurm_env(port), "SLURM_PROCID": str(rank),
                                        "SLURM_LOCALID": str(rank)})
 
 
@@ -121,6 +125,38 @@ def test_two_processes_match_one(how, tmp_path, one_process_losses):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # one writer
     assert (tmp_path / "checkpoints" / "3").is_dir()  # a multi-process Orbax save
     two = losses(tmp_path)
-    assert len(two) == len(one_process_losses) == 3
+    assert len(two) == len(one_process_losses) == 4  # 3 steps, then eval (each process its rows)
     for a, b in zip(two, one_process_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_on_all_and_resumes(tmp_path):
+    """Preemption of a multi-process run: SIGTERM reaches one process; all save the same step."""
+    steady = ["--config.train.checkpoint_every=100000", "--config.optim.schedule=constant"]
+    port = free_port()
+    workers = [worker(tmp_path, "flags", rank, port, *steady, "--config.train.steps=100000")
+               for rank in range(2)]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
+                                          >= 3):
+        time.sleep(0.2)
+    workers[1].send_signal(signal.SIGTERM)  # the other process is not told
+    outputs = [workers[0].communicate(timeout=300)[0], workers[1].communicate(timeout=300)[0]]
+    assert [w.returncode for w in workers] == [130, 130], outputs
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3, saved
+    assert f"all processes saved step {saved[0]}" in outputs[0]
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == saved[0]
+
+    steps = f"--config.train.steps={saved[0] + 2}"
+    resumed = [worker(tmp_path, "flags", rank, port, *steady, steps) for rank in range(2)]
+    out = [finish(w) for w in resumed][0]
+    assert f"resuming at step {saved[0]}" in out
+    one = tmp_path / "one"
+    finish(gigajax_train(one, *steady, steps))
+    assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines())] == list(
+        range(1, saved[0] + 3))
+    for a, b in zip(losses(tmp_path), losses(one), strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)

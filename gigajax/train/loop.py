@@ -2,7 +2,9 @@
 
 Everything a run writes lives in its workdir: `metrics.jsonl` (one JSON object per logged step),
 `tb/` (TensorBoard scalars), `checkpoints/<step>/` (Orbax) and `config.json`. Running the same
-command again resumes from the latest checkpoint; an interrupt (Ctrl-C) saves one first.
+command again resumes from the latest checkpoint; an interrupt (Ctrl-C, or SIGTERM as on
+preemption) saves one first. With several processes only SIGTERM saves: every process stops at
+the step JAX's preemption service has them agree on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax import distributed
@@ -65,8 +68,17 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
     return Training(layout, state, train_step, eval_step, schedule)
 
 
+class Preempted(KeyboardInterrupt):
+    """Every process saved at the step they agreed on after a SIGTERM; the run stops there."""
+
+
 def _stop_on_sigterm():
-    """Treat SIGTERM (cluster preemption, `kill`) like Ctrl-C, so the run saves and exits."""
+    """Treat SIGTERM (cluster preemption, `kill`) like Ctrl-C, so the run saves and exits.
+
+    Single-process runs only. With several processes the signal reaches each one at a different
+    point, and a save (a collective) started by one alone would hang; there JAX's preemption
+    service (`reached_preemption_sync_point`) catches SIGTERM and the processes agree on a step.
+    """
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -117,15 +129,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     f"{jax.process_count()} process(es); "
                     + (f"resuming at step {start}" if start else "starting at step 0"))
         meta = {"config": json.loads(cfg.to_json_best_effort())}
-        previous_sigterm = _stop_on_sigterm()
+        multi_process = jax.process_count() > 1
+        previous_sigterm = None if multi_process else _stop_on_sigterm()
         try:
             batches = batch_iterator(train_ds, start)
             for step in range(start, t.steps):
                 state, metrics = training.train_step(
                     state, place_batch(next(batches), mesh, batch_size))
                 done = step + 1
-                is_eval = done % t.eval_every == 0 or done == t.steps
-                is_save = done % t.checkpoint_every == 0 or done == t.steps
+                # called every step by every process: True at the same step on all of them
+                # once any one has received SIGTERM
+                preempted = multi_process and multihost_utils.reached_preemption_sync_point(done)
+                is_eval = not preempted and (done % t.eval_every == 0 or done == t.steps)
+                is_save = preempted or done % t.checkpoint_every == 0 or done == t.steps
                 eval_loss, paused = None, 0.0
                 if is_eval or is_save:  # not training time: leave it out of tokens/s
                     jax.block_until_ready(metrics)
@@ -133,10 +149,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     if is_eval:
                         eval_loss = evaluate(training.eval_step, state["params"], val)
                     if is_save:
-                        checkpointer.save(done, state, {**meta, "step": done})
+                        checkpointer.save(done, state, {**meta, "step": done}, force=preempted)
                     paused = time.perf_counter() - pause_start
                 logger.record(done, metrics, eval_loss, paused)
+                if preempted:
+                    logger.info(f"preempted (SIGTERM): all processes saved step {done}")
+                    raise Preempted(f"step {done}")
+        except Preempted:
+            raise
         except KeyboardInterrupt:
+            if multi_process:  # no step that all processes agree on: a save could hang
+                logger.info("interrupted: the last saved checkpoint stands (a multi-process run "
+                            "saves on SIGTERM, when all processes can agree on a step)")
+                raise
             try:
                 done = int(state["step"])
             except RuntimeError:  # interrupted inside a step whose input buffers were donated

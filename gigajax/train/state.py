@@ -34,11 +34,8 @@ TrainState = dict[str, Any]
 
 def layout_for(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     """Check that the model and batch split over `mesh`, and return the layout's rule tables."""
-    m = cfg.model
-    sizes = dict(mesh.shape)
-    check_layout(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_model=m.d_model,
-                 mlp_dim=m.mlp_dim, vocab_size=m.vocab_size, mesh_sizes=sizes,
-                 batch_size=cfg.data.batch_size, microbatches=cfg.train.microbatches)
+    m, sizes = cfg.model, dict(mesh.shape)
+    check_layout(cfg, sizes)
     return make_layout(m.n_kv_heads, sizes, cfg.sharding.zero_stage, cfg.sharding.megatron_sp)
 
 
