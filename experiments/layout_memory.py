@@ -51,7 +51,7 @@ def abstract_batch(cfg, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def measure(cfg, layout: dict, dtype: str) -> dict:
     c = layout_config(cfg, layout)
     c.model.dtype = dtype  # layout_config makes checks fp32; memory is measured in the run dtype
-    mesh = make_mesh(c.mesh, jax.devices()[:DEVICES])
+    mesh = make_mesh(c.mesh, jax.devices()[:DEVICES], c.attention)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         training = build_training(c, mesh)

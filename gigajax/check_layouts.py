@@ -9,7 +9,9 @@ job on a new layout; it exits 1 when a layout is off by more than the tolerances
 A layout is a comma-separated list of `key=value`: mesh axes (`data`, `fsdp`, `sequence`,
 `tensor`; missing ones are 1, `-1` is the rest of the devices: on CPU the command simulates 8, or
 as many as the largest fixed layout needs) and the `sharding` options
-(`zero_stage=1|3`, `megatron_sp=0|1`). Layouts are separated by `;`, for example
+(`zero_stage=1|3`, `megatron_sp=0|1`) and the `attention` options of sequence parallelism
+(`sp_impl=ring|ulysses|hybrid`, `layout=contiguous|striped|zigzag`, `ulysses_degree=N`).
+Layouts are separated by `;`, for example
 `data=8;fsdp=8;fsdp=8,zero_stage=1;tensor=4,megatron_sp=1;data=2,fsdp=2,tensor=2`.
 """
 
@@ -30,10 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gigajax.config import validate
-from gigajax.data.pipeline import build_datasets
+from gigajax.data.pipeline import build_datasets, permute_batch
 from gigajax.distributed import BATCH_SPEC, place_batch
 from gigajax.errors import ConfigError
-from gigajax.mesh import AXES, make_mesh
+from gigajax.mesh import AXES, make_mesh, sequence_permutation
 from gigajax.train.logger import log_console
 from gigajax.train.loop import build_training
 from gigajax.train.step import make_loss_fn
@@ -41,7 +43,11 @@ from gigajax.train.step import make_loss_fn
 SHARDING_KEYS = ("zero_stage", "megatron_sp")
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # fp32 tolerances of the equivalence tests
 
-Layout = dict[str, int | bool]
+ATTENTION_KEYS = ("sp_impl", "layout", "ulysses_degree")  # config.attention.*
+TEXT_KEYS = ("sp_impl", "layout")
+KEYS = (*AXES, *SHARDING_KEYS, *ATTENTION_KEYS)
+
+Layout = dict[str, int | bool | str]
 
 
 def parse_layouts(text: str) -> list[Layout]:
@@ -51,9 +57,12 @@ def parse_layouts(text: str) -> list[Layout]:
         layout: Layout = {}
         for pair in filter(None, (p.strip() for p in item.split(","))):
             key, sep, value = pair.partition("=")
-            if not sep or key not in (*AXES, *SHARDING_KEYS):
+            if not sep or key not in KEYS:
                 raise ConfigError(f"layout {item!r}: {pair!r} is not key=value with a key among "
-                                  f"{', '.join((*AXES, *SHARDING_KEYS))}.")
+                                  f"{', '.join(KEYS)}.")
+            if key in TEXT_KEYS:
+                layout[key] = value
+                continue
             try:
                 layout[key] = int(value) if key != "megatron_sp" else bool(int(value))
             except ValueError:
@@ -65,7 +74,8 @@ def parse_layouts(text: str) -> list[Layout]:
 
 
 def layout_name(layout: Layout) -> str:
-    return ",".join(f"{k}={int(v)}" for k, v in layout.items()) or "1 device"
+    return ",".join(f"{k}={v if isinstance(v, str) else int(v)}"
+                    for k, v in layout.items()) or "1 device"
 
 
 def devices_needed(layouts: list[Layout], default: int = 8) -> int:
@@ -77,11 +87,12 @@ def devices_needed(layouts: list[Layout], default: int = 8) -> int:
 
 
 def layout_config(cfg: ml_collections.ConfigDict, layout: Layout) -> ml_collections.ConfigDict:
-    """`cfg` in float32 on the layout's mesh (unnamed axes 1) and sharding options."""
+    """`cfg` in float32 on the layout's mesh (unnamed axes 1), sharding and attention options."""
     c = ml_collections.ConfigDict(cfg.to_dict())
     c.model.dtype = "float32"
     c.mesh.update({axis: int(layout.get(axis, 1)) for axis in AXES})
     c.sharding.update({k: v for k, v in layout.items() if k in SHARDING_KEYS})
+    c.attention.update({k: v for k, v in layout.items() if k in ATTENTION_KEYS})
     try:
         validate(c)
     except ConfigError as error:
@@ -107,7 +118,7 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
     c = layout_config(cfg, layout)
     devices = devices if devices is not None else jax.devices()
     n = math.prod(c.mesh[a] for a in AXES if c.mesh[a] != -1)
-    mesh = make_mesh(c.mesh, devices if -1 in c.mesh.values() else devices[:n])
+    mesh = make_mesh(c.mesh, devices if -1 in c.mesh.values() else devices[:n], c.attention)
     batch_size = c.data.batch_size
     with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
         training = build_training(c, mesh)
@@ -122,7 +133,8 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
 
         grad_fn = jax.jit(mean_grads, out_shardings=param_shardings,
                           in_shardings=(param_shardings, NamedSharding(mesh, BATCH_SPEC)))
-        placed = [place_batch(b, mesh, batch_size) for b in batches]
+        perm = sequence_permutation(mesh, c.data.seq_len, c.attention.layout)
+        placed = [place_batch(permute_batch(b, perm), mesh, batch_size) for b in batches]
         initial = jax.device_get(state["params"])
         grads = jax.device_get(grad_fn(state["params"], placed[0]))
         losses = []

@@ -47,7 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
         scan_layers=True,
         remat="none",  # none | full | dots | minimal
     )
-    c.attention = dict(impl="blockwise", block_q=512, block_kv=512)
+    # sequence parallelism over mesh.sequence (see gigajax/ops/ring.py, ulysses.py, layouts.py):
+    # sp_impl ring | ulysses | hybrid (Ulysses degree `ulysses_degree` inside a ring);
+    # layout contiguous | striped | zigzag: which tokens each ring device holds
+    c.attention = dict(impl="blockwise", block_q=512, block_kv=512, sp_impl="ring",
+                       layout="zigzag", ulysses_degree=1)
     c.data = dict(source="stdlib", tokenizer="byte", seq_len=1024, batch_size=8,
                   val_fraction=0.05, max_bytes=0)
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
@@ -218,9 +222,10 @@ def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check every user-settable field; raise ConfigError naming the first bad one."""
     from gigajax.data.pipeline import check_data_config
-    from gigajax.mesh import AXES, fixed_device_count
+    from gigajax.mesh import AXES, SP_IMPLS, fixed_device_count
     from gigajax.model.decoder import REMAT_POLICIES
     from gigajax.ops.attention import ATTENTION_IMPLS
+    from gigajax.ops.layouts import SEQUENCE_LAYOUTS
     from gigajax.sharding import ZERO_STAGES, check_layout
     from gigajax.train.optim import make_optimizer
 
@@ -267,8 +272,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                  "use a positive size, or -1 for the rest of the devices")
     _require(sum(cfg.mesh[a] == -1 for a in AXES) <= 1, "mesh", dict(cfg.mesh),
              "at most one axis may be -1")
-    _require(cfg.mesh.sequence == 1, "mesh.sequence", cfg.mesh.sequence,
-             "sequence parallelism (Ulysses, ring attention) is not implemented yet")
+    _choice(cfg, "attention.sp_impl", SP_IMPLS)
+    _choice(cfg, "attention.layout", SEQUENCE_LAYOUTS)
+    _require(isinstance(cfg.attention.ulysses_degree, int) and cfg.attention.ulysses_degree >= 1,
+             "attention.ulysses_degree", cfg.attention.ulysses_degree,
+             "use a positive integer (the all-to-all part of mesh.sequence in hybrid)")
     _require(cfg.sharding.zero_stage in ZERO_STAGES, "sharding.zero_stage",
              cfg.sharding.zero_stage, "use 3 (FSDP: parameters and optimizer state sharded) or "
              "1 (optimizer state only)")

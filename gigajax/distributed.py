@@ -17,8 +17,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax.errors import ConfigError
+from gigajax.mesh import SEQUENCE_AXES
 
-BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")  # [B, T]: rows over data x fsdp
+# [B, T]: rows over data x fsdp, tokens (in the sequence layout's order) over ring x Ulysses
+BATCH_SPEC = PartitionSpec(("data", "fsdp"), SEQUENCE_AXES)
 
 
 def cluster_detected() -> bool:
@@ -72,8 +74,20 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
 
 def place_batch(local: dict[str, np.ndarray], mesh: Mesh, batch_size: int
                 ) -> dict[str, jax.Array]:
-    """Global [batch_size, T] arrays from this process's rows (`process_rows`)."""
+    """Global [batch_size, T] arrays from this process's rows (`process_rows`), whole rows.
+
+    Each device takes its block (rows and, under sequence parallelism, tokens) from the rows
+    this process read, so the sequence axis may also span processes.
+    """
     sharding = NamedSharding(mesh, BATCH_SPEC)
-    return {key: jax.make_array_from_process_local_data(sharding, value,
-                                                        (batch_size, *value.shape[1:]))
-            for key, value in local.items()}
+    first_row = process_rows(mesh, batch_size).start
+
+    def place(value: np.ndarray) -> jax.Array:
+        def block(index: tuple[slice, ...]) -> np.ndarray:
+            rows = slice(index[0].start - first_row if index[0].start is not None else None,
+                         index[0].stop - first_row if index[0].stop is not None else None)
+            return value[(rows, *index[1:])]
+
+        return jax.make_array_from_callback((batch_size, *value.shape[1:]), sharding, block)
+
+    return {key: place(value) for key, value in local.items()}

@@ -13,11 +13,18 @@ import math
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from gigajax.errors import ConfigError
+from gigajax.ops.layouts import layout_permutation
 
-AXES = ("data", "fsdp", "sequence", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")  # the config's axes (mesh.data, ...)
+# The mesh itself splits `sequence` in two: a ring part (`sequence`, ppermute) outside an
+# all-to-all part (`ulysses`, next to `tensor` on the fast links); sp_impl picks the sizes.
+MESH_AXES = ("data", "fsdp", "sequence", "ulysses", "tensor")
+SEQUENCE_AXES = ("sequence", "ulysses")
+SP_IMPLS = ("ring", "ulysses", "hybrid")
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -40,15 +47,48 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
     return sizes
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A Mesh over all (or the given) devices with Auto axis types."""
+def sequence_split(n: int, sp_impl: str, ulysses_degree: int) -> tuple[int, int]:
+    """(ring, ulysses) sizes of a `sequence` axis of size n: all ring, all Ulysses, or hybrid."""
+    if sp_impl == "ring":
+        return n, 1
+    if sp_impl == "ulysses":
+        return 1, n
+    if n % ulysses_degree:
+        raise ConfigError(f"attention.ulysses_degree={ulysses_degree} does not divide "
+                          f"mesh.sequence={n}: hybrid attention runs Ulysses over groups of "
+                          "ulysses_degree devices and a ring over the groups.")
+    return n // ulysses_degree, ulysses_degree
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None,
+              attention_cfg: ml_collections.ConfigDict | None = None) -> Mesh:
+    """A Mesh over all (or the given) devices with Auto axis types and axes MESH_AXES.
+
+    `attention_cfg` (sp_impl, ulysses_degree) says how `sequence` splits into ring x Ulysses;
+    without it the sequence axis is all ring.
+    """
     devices = devices if devices is not None else jax.devices()
     sizes = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+    sp_impl, degree = ("ring", 1) if attention_cfg is None else (
+        attention_cfg.sp_impl, attention_cfg.ulysses_degree)
+    ring, ulysses = sequence_split(sizes["sequence"], sp_impl, degree)
+    shape = (sizes["data"], sizes["fsdp"], ring, ulysses, sizes["tensor"])
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def sequence_size(mesh_sizes: dict[str, int]) -> int:
+    """Devices along the sequence: the config's `sequence`, or ring x Ulysses of a mesh."""
+    return mesh_sizes["sequence"] * mesh_sizes.get("ulysses", 1)
 
 
 def fixed_device_count(mesh_cfg: ml_collections.ConfigDict) -> int | None:
     """The device count a mesh config asks for, or None when an axis is -1 (any count)."""
     sizes = [int(mesh_cfg[axis]) for axis in AXES]
     return None if -1 in sizes else math.prod(sizes)
+
+
+def sequence_permutation(mesh: Mesh, seq_len: int, layout: str) -> np.ndarray | None:
+    """The tokens' order for the mesh's ring (`ops/layouts.py`); None when there is no ring."""
+    ring = mesh.shape["sequence"]
+    return None if ring == 1 else layout_permutation(seq_len, ring, layout)

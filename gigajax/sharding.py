@@ -34,6 +34,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax.errors import ConfigError, GigajaxError
+from gigajax.mesh import SEQUENCE_AXES, sequence_size, sequence_split
+from gigajax.ops.layouts import check_sequence_split
+from gigajax.ops.ulysses import check_ulysses_heads
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 ZERO_STAGES = (1, 3)
@@ -71,8 +74,8 @@ def make_layout(n_kv_heads: int, mesh_sizes: Mapping[str, int], zero_stage: int 
         params=sharded_state if zero_stage == 3 else tensor_rules,
         optimizer=sharded_state,
         activations={"batch": ("data", "fsdp"),
-                     "seq": ("sequence", "tensor") if megatron_sp else "sequence",
-                     "inner_seq": "sequence", **tensor_rules})
+                     "seq": (*SEQUENCE_AXES, "tensor") if megatron_sp else SEQUENCE_AXES,
+                     "inner_seq": SEQUENCE_AXES, **tensor_rules})
 
 
 def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) -> None:
@@ -98,10 +101,18 @@ def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) 
     if d_model % fsdp:
         raise ConfigError(f"config.model.d_model={d_model} does not split over mesh.fsdp={fsdp}: "
                           f"FSDP shards the embed dim, so it must be a multiple of {fsdp}.")
-    if megatron_sp and seq_len % tp:
-        raise ConfigError(f"config.data.seq_len={seq_len} does not split over mesh.tensor={tp}: "
-                          "Megatron sequence parallelism (sharding.megatron_sp) shards the "
-                          f"residual stream's sequence over `tensor`; use a multiple of {tp}.")
+    n_seq = sequence_size(mesh_sizes)
+    if n_seq > 1:
+        check_sequence_split(seq_len, n_seq, cfg.attention.layout)
+        _, ulysses = sequence_split(n_seq, cfg.attention.sp_impl, cfg.attention.ulysses_degree)
+        if ulysses > 1:  # each tensor shard's heads are what the all-to-all splits
+            local_kv = n_kv_heads // tp if n_kv_heads % tp == 0 else 1
+            check_ulysses_heads(n_heads // tp, local_kv, ulysses, tensor=tp)
+    if megatron_sp and seq_len % (tp * n_seq):
+        raise ConfigError(f"config.data.seq_len={seq_len} does not split over mesh.tensor={tp} "
+                          f"x mesh.sequence={n_seq}: Megatron sequence parallelism "
+                          "(sharding.megatron_sp) shards the residual stream's sequence over "
+                          f"`tensor` too; use a multiple of {tp * n_seq}.")
     per_micro = batch_size // microbatches
     if per_micro % dp:
         raise ConfigError(

@@ -49,6 +49,14 @@ LAYOUTS = [
     "fsdp=2,tensor=4,megatron_sp=1",              # fsdp x tp (+ sp)
     "data=2,fsdp=2,tensor=2",                     # dp x fsdp x tp
     "data=2,fsdp=2,tensor=2,zero_stage=1,megatron_sp=1",
+    # sequence parallelism (tokens permuted into the ring layout by the data path)
+    "sequence=8,layout=contiguous",               # ring
+    "sequence=8,layout=striped",
+    "sequence=8,layout=zigzag",
+    "sequence=4,sp_impl=ulysses",                 # all-to-all, K=2 KV heads repeated over 4
+    "sequence=8,sp_impl=hybrid,ulysses_degree=4",  # Ulysses 4 inside a ring of 2
+    "data=2,sequence=2,tensor=2",                 # dp x sp x tp
+    "fsdp=2,sequence=2,tensor=2,megatron_sp=1",   # fsdp x sp x tp + Megatron-SP
 ]
 STEPS = 3
 
@@ -196,6 +204,10 @@ BAD_LAYOUTS = [
      "data.batch_size"),
     ({"data": 4}, ["--config.train.microbatches=4"], "train.microbatches"),
     ({"tensor": 4, "megatron_sp": True}, ["--config.data.seq_len=66"], "data.seq_len"),
+    ({"sequence": 8}, ["--config.data.seq_len=40"], "data.seq_len"),  # zigzag: 2 x 8 chunks
+    ({"sequence": 8, "sp_impl": "ulysses"}, [], "model.n_heads"),  # 4 heads over 8
+    ({"sequence": 2, "tensor": 4, "sp_impl": "ulysses"}, [], "model.n_heads"),  # 1 per shard
+    ({"sequence": 8, "sp_impl": "hybrid", "ulysses_degree": 3}, [], "attention.ulysses_degree"),
 ]
 
 
@@ -205,7 +217,7 @@ def test_bad_layouts_are_clear_errors(layout, overrides, field):
     cfg = tiny_test_config(*overrides)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         c = layout_config(cfg, layout)
-        make_mesh(c.mesh, jax.devices())
+        make_mesh(c.mesh, jax.devices(), c.attention)
 
 
 def test_layout_strings_are_checked():

@@ -13,6 +13,9 @@ A batch is a dict of numpy arrays, all [B, T]:
   segment_ids      int32   1 + number of EOS inputs before this token in the window (the token
                            after an EOS opens a new document); attention must not cross segments
   loss_mask        float32 0 where the input is EOS (its target opens the next document), else 1
+
+Under sequence parallelism every [B, T] array is permuted along T into the ring layout
+(`ops/layouts.py`, `sequence_perm`) here, once; the model and the loss never un-permute.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from gigajax.data.stdlib_corpus import load_stdlib_tokens
 from gigajax.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError
+from gigajax.ops.layouts import permute_sequence
 
 Batch = dict[str, np.ndarray]
 SOURCES = ("stdlib",)
@@ -65,6 +69,15 @@ def batch_features(w_BxT1: np.ndarray, eos_id: int) -> Batch:
     }
 
 
+def permute_batch(batch: Batch, perm: np.ndarray | None) -> Batch:
+    """Every [B, T] array of the batch with its tokens in layout order (`perm` from
+    `ops.layouts.layout_permutation`); the batch itself when perm is None."""
+    if perm is None:
+        return batch
+    return {key: np.ascontiguousarray(permute_sequence(value, perm))
+            for key, value in batch.items()}
+
+
 def _shuffle_seed(seed: int) -> int:
     """A well-mixed uint32 shuffle seed: grain shuffles epoch e with seed+e, so seed s epoch 1 would
     otherwise equal seed s+1 epoch 0."""
@@ -81,11 +94,13 @@ def make_dataset(
     repeat: bool = True,
     eos_id: int = ByteTokenizer.eos_id,
     rows: slice | None = None,
+    sequence_perm: np.ndarray | None = None,
 ) -> grain.MapDataset:
     """A random-access dataset whose item s is the batch for step s (a function of seed and s).
 
     `rows` selects this process's rows of each global batch (all rows when None): a process
-    reads only the windows it feeds to its own devices.
+    reads only the windows it feeds to its own devices. `sequence_perm` permutes the tokens of
+    every row into the sequence-parallel layout.
     """
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
@@ -107,7 +122,8 @@ def make_dataset(
         return np.stack([ds[step * batch_size + r] for r in local])
 
     batches = grain.MapDataset.range(len(ds) // batch_size).map(local_windows)
-    return batches.map(functools.partial(batch_features, eos_id=eos_id))
+    features = batches.map(functools.partial(batch_features, eos_id=eos_id))
+    return features.map(functools.partial(permute_batch, perm=sequence_perm))
 
 
 def batch_iterator(ds: grain.MapDataset, start_step: int, prefetch: int = 2) -> Iterator[Batch]:
@@ -126,6 +142,7 @@ def eval_batches(
     num_batches: int,
     eos_id: int = ByteTokenizer.eos_id,
     rows: slice | None = None,
+    sequence_perm: np.ndarray | None = None,
 ) -> list[Batch]:
     """The first `num_batches` batches of the unshuffled validation stream (a fixed list)."""
     n = num_windows(len(tokens), seq_len)
@@ -145,6 +162,7 @@ def eval_batches(
         shuffle=False,
         repeat=False,
         rows=rows,
+        sequence_perm=sequence_perm,
     )
     return [ds[i] for i in range(num_batches)]
 
@@ -161,11 +179,15 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def build_datasets(
-    data_cfg: ml_collections.ConfigDict, seed: int, rows: slice | None = None
+    data_cfg: ml_collections.ConfigDict,
+    seed: int,
+    rows: slice | None = None,
+    sequence_perm: np.ndarray | None = None,
 ) -> tuple[Tokenizer, grain.MapDataset, np.ndarray]:
     """From the `data` config: (tokenizer, train batches dataset, validation token stream).
 
-    `rows`: this process's rows of each training batch (see `make_dataset`).
+    `rows`, `sequence_perm`: this process's rows of each training batch, and the sequence
+    layout of its tokens (see `make_dataset`).
     """
     tokenizer = check_data_config(data_cfg)
     max_bytes = int(data_cfg.max_bytes) or None
@@ -183,5 +205,6 @@ def build_datasets(
         seed=seed,
         eos_id=tokenizer.eos_id,
         rows=rows,
+        sequence_perm=sequence_perm,
     )
     return tokenizer, train_ds, load("validation")

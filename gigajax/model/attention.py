@@ -11,6 +11,8 @@ from gigajax.config import ModelConfig
 from gigajax.model.init import residual_init, weight_init
 from gigajax.model.rope import apply_rope
 from gigajax.ops.attention import dot_product_attention
+from gigajax.ops.ring import ring_attention
+from gigajax.ops.ulysses import ulysses_attention
 from gigajax.sharding import current_activation_rules, param
 
 
@@ -27,9 +29,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
-        """Causal mask by token index: within a packed document index order is position order
-        (positions live only in the RoPE tables), which lets jax.nn/cuDNN use native causal flags.
+                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+        """Causal mask by token index on one device: within a packed document index order is
+        position order, which lets jax.nn/cuDNN use native causal flags. Sequence-parallel
+        layouts permute the tokens, and mask by `positions_BT` instead.
         """
         cfg, dtype = self.cfg, x_BTD.dtype
         q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, self.wq[...].astype(dtype))
@@ -37,40 +40,67 @@ class Attention(nnx.Module):
         v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wv[...].astype(dtype))
         q_BTHE = apply_rope(q_BTHE, cos_BTE, sin_BTE)
         k_BTKE = apply_rope(k_BTKE, cos_BTE, sin_BTE)
-        out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, cfg)
+        out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg)
         return jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(dtype))
 
 
 def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndarray,
-                      segment_ids_BT: jnp.ndarray | None, cfg: ModelConfig) -> jnp.ndarray:
-    """Causal attention, each device running the kernel on its own batch rows and heads.
+                      positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None,
+                      cfg: ModelConfig) -> jnp.ndarray:
+    """Causal attention, each device running the kernel on its own batch rows, heads and tokens.
 
     Under a mesh the kernel runs inside `jax.shard_map`, split like the activation rules say
-    (batch over data x fsdp, heads over tensor), so no attention op is left for GSPMD to guess.
-    When KV heads are replicated over `tensor` (fewer than its size), each device slices the one
-    KV head that its query heads share.
+    (batch over data x fsdp, heads over tensor, tokens over sequence x ulysses), so no attention
+    op is left for GSPMD to guess. When KV heads are replicated over `tensor` (fewer than its
+    size), each device slices the one KV head that its query heads share. With sequence
+    parallelism the tokens are in the ring layout's order and the masks use their positions
+    (within a packed document position order is token order; segment ids keep documents apart):
+    Ulysses over `ulysses` (all-to-all), ring attention over `sequence`, or both (hybrid).
     """
-    def kernel(q, k, v, segment_ids):
-        return dot_product_attention(
-            q, k, v, impl=cfg.attention_impl, causal=True, q_segment_ids=segment_ids,
-            kv_segment_ids=segment_ids, sliding_window=cfg.sliding_window or None,
-            block_q=cfg.block_q, block_kv=cfg.block_kv)
+    window = cfg.sliding_window or None
+    masks = {"causal": True, "sliding_window": window, "block_q": cfg.block_q,
+             "block_kv": cfg.block_kv}
 
-    if jax.sharding.get_abstract_mesh().empty:
-        return kernel(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+    def by_index(q, k, v, segment_ids):  # the whole sequence, in order, on this device
+        return dot_product_attention(q, k, v, impl=cfg.attention_impl, q_segment_ids=segment_ids,
+                                     kv_segment_ids=segment_ids, **masks)
+
+    def by_position(q, k, v, positions, segment_ids):  # the whole sequence, any order
+        return dot_product_attention(q, k, v, impl=cfg.attention_impl, q_positions=positions,
+                                     kv_positions=positions, q_segment_ids=segment_ids,
+                                     kv_segment_ids=segment_ids, **masks)
+
+    def ring(q, k, v, positions, segment_ids):  # this device's tokens against the ring's
+        return ring_attention(q, k, v, axis_name="sequence", positions_BT=positions,
+                              segment_ids_BT=segment_ids, sliding_window=window,
+                              block_q=cfg.block_q, block_kv=cfg.block_kv)[0]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+    sizes = dict(mesh.shape)
+    ring_size, ulysses = sizes.get("sequence", 1), sizes.get("ulysses", 1)
     rules = current_activation_rules()
     batch, heads, kv_heads = rules.get("batch"), rules.get("heads"), rules.get("kv_heads")
+    seq = rules.get("inner_seq")
     group = cfg.n_heads // cfg.n_kv_heads
+    inner = ring if ring_size > 1 else by_position
 
-    def local(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
+    def local(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT):
         if heads is not None and kv_heads is None:  # KV replicated: take our query heads' one
             first = jax.lax.axis_index(heads) * q_BTHE.shape[2] // group
             k_BSKE = jax.lax.dynamic_slice_in_dim(k_BSKE, first, 1, axis=2)
             v_BSKE = jax.lax.dynamic_slice_in_dim(v_BSKE, first, 1, axis=2)
-        return kernel(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+        if ring_size * ulysses == 1:
+            return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+        if ulysses > 1:
+            return ulysses_attention(q_BTHE, k_BSKE, v_BSKE, axis_name="ulysses",
+                                     positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                     local_attention=inner)
+        return inner(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
 
-    q_spec = PartitionSpec(batch, None, heads, None)
-    kv_spec = PartitionSpec(batch, None, kv_heads, None)
-    seg_spec = PartitionSpec(batch, None)
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
-                         out_specs=q_spec)(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+    q_spec = PartitionSpec(batch, seq, heads, None)
+    kv_spec = PartitionSpec(batch, seq, kv_heads, None)
+    tokens_spec = PartitionSpec(batch, seq)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, tokens_spec, tokens_spec),
+                         out_specs=q_spec)(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)

@@ -53,7 +53,8 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTE, sin_BTE, segment_ids_BT)
+                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTE, sin_BTE, positions_BT,
+                                  segment_ids_BT)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", "seq", "embed"))

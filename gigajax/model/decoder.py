@@ -49,20 +49,20 @@ class Decoder(nnx.Module):
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
         cos_BTE, sin_BTE = rope_cos_sin(positions_BT, inv_freq, mscale)
-        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, segment_ids_BT)
+        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dtype),
                                 preferred_element_type=jnp.float32)  # the loss is fp32
         return constrain(logits_BTV, ("batch", "inner_seq", "vocab"))
 
-    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, segment_ids_BT):
+    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
         graphdef, stacked_state = nnx.split(self.blocks)
 
         def one_block(x_BTD, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BTD, cos_BTE, sin_BTE, segment_ids_BT), None
+            return block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT), None
 
         if self.cfg.remat != "none":
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],

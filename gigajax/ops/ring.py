@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from gigajax.ops.attention import MASKED_LSE, blockwise_attention_bwd, blockwise_attention_fwd
 
@@ -111,6 +112,8 @@ def _ring_fwd(q, k, v, positions, segment_ids, axis_name, causal, window, scale,
               block_kv):
     out, lse = _ring_forward(q, k, v, positions, segment_ids, axis_name, causal, window, scale,
                              block_q, block_kv)
+    # the names the `minimal` remat policy keeps, as for the blockwise kernel
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return (out, lse), (q, k, v, positions, segment_ids, out, lse)
 
 

@@ -29,19 +29,20 @@ Array = jax.Array
 LocalAttention = Callable[[Array, Array, Array, Array, Array | None], Array]
 
 
-def check_ulysses_heads(n_heads: int, n_kv_heads: int, degree: int) -> None:
-    """ConfigError unless the heads split over `degree` Ulysses devices."""
+def check_ulysses_heads(n_heads: int, n_kv_heads: int, degree: int, tensor: int = 1) -> None:
+    """ConfigError unless the heads (of one tensor shard) split over `degree` Ulysses devices."""
+    per = f" per tensor shard (mesh.tensor={tensor})" if tensor > 1 else ""
     if n_heads % degree:
         raise ConfigError(
-            f"config.model.n_heads={n_heads} does not split over a Ulysses degree of {degree}: "
-            f"the all-to-all gives each device n_heads / {degree} heads. Use ring or hybrid "
-            "attention (attention.sp_impl, attention.ulysses_degree) for fewer heads.")
+            f"config.model.n_heads: {n_heads} query heads{per} do not split over a Ulysses "
+            f"degree of {degree}: the all-to-all gives each device 1/{degree} of the heads. "
+            "Use ring or hybrid attention (attention.sp_impl, attention.ulysses_degree).")
     if n_kv_heads % degree and degree % n_kv_heads:
         raise ConfigError(
-            f"config.model.n_kv_heads={n_kv_heads} and a Ulysses degree of {degree}: KV heads "
-            "are split when their count is a multiple of the degree and repeated when it "
-            "divides the degree; choose a degree among the divisors or multiples of "
-            f"{n_kv_heads}.")
+            f"config.model.n_kv_heads: {n_kv_heads} KV heads{per} and a Ulysses degree of "
+            f"{degree}: KV heads are split when their count is a multiple of the degree and "
+            "repeated when it divides the degree; choose a degree among the divisors or "
+            f"multiples of {n_kv_heads}.")
 
 
 def _seq_to_heads(x: Array, axis_name: str) -> Array:

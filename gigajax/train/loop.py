@@ -2,9 +2,9 @@
 
 Everything a run writes lives in its workdir: `metrics.jsonl` (one JSON object per logged step),
 `tb/` (TensorBoard scalars), `checkpoints/<step>/` (Orbax) and `config.json`. Running the same
-command again resumes from the latest checkpoint; an interrupt (Ctrl-C, or SIGTERM as on
-preemption) saves one first. With several processes only SIGTERM saves: every process stops at
-the step JAX's preemption service has them agree on.
+command again resumes from the latest checkpoint. SIGTERM (preemption) lets the step in flight
+finish, saves, and exits; with several processes all stop at the step JAX's preemption service
+has them agree on. Ctrl-C saves too when it lands between steps (one process only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gigajax import distributed
 from gigajax.config import ModelConfig
 from gigajax.data.pipeline import batch_iterator, build_datasets, eval_batches
 from gigajax.distributed import BATCH_SPEC, place_batch, process_rows
-from gigajax.mesh import make_mesh
+from gigajax.mesh import make_mesh, sequence_permutation
 from gigajax.sharding import Layout
 from gigajax.train.checkpoint import Checkpointer
 from gigajax.train.flops import flops_per_token, peak_flops_per_device
@@ -69,23 +69,35 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
 
 
 class Preempted(KeyboardInterrupt):
-    """Every process saved at the step they agreed on after a SIGTERM; the run stops there."""
+    """SIGTERM: the run saved a checkpoint after a whole step and stops (exit code 130)."""
 
 
-def _stop_on_sigterm():
-    """Treat SIGTERM (cluster preemption, `kill`) like Ctrl-C, so the run saves and exits.
+class SigtermStop:
+    """When to stop on SIGTERM (preemption, `kill`): after a whole step, never inside one.
 
-    Single-process runs only. With several processes the signal reaches each one at a different
-    point, and a save (a collective) started by one alone would hang; there JAX's preemption
-    service (`reached_preemption_sync_point`) catches SIGTERM and the processes agree on a step.
+    One process: a handler sets a flag that the loop reads after each step (raising from the
+    handler could land inside a step, whose donated input state is already gone). Several
+    processes: the signal reaches each at a different step and a save is a collective, so JAX's
+    preemption service catches SIGTERM and `reached_preemption_sync_point` turns True on every
+    process at the same step.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return None
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def __init__(self, multi_process: bool):
+        self.multi_process = multi_process
+        self.flag = threading.Event()
+        self.previous = None
+        if not multi_process and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.set())
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    def reached(self, step: int) -> bool:
+        """Call after every step, on every process: True where all of them stop."""
+        if self.multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag.is_set()
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
@@ -102,12 +114,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, attention_cfg=cfg.attention)
     t, batch_size = cfg.train, cfg.data.batch_size
     with jax.set_mesh(mesh):
         training = build_training(cfg, mesh)
         rows = process_rows(mesh, batch_size)  # this process reads only its own rows
-        tokenizer, train_ds, val_tokens = build_datasets(cfg.data, t.seed, rows)
+        perm = sequence_permutation(mesh, cfg.data.seq_len, cfg.attention.layout)
+        tokenizer, train_ds, val_tokens = build_datasets(cfg.data, t.seed, rows, perm)
         checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint.max_to_keep,
                                     cfg.checkpoint.async_save)
         if (latest := checkpointer.latest_step()) is not None:  # restore straight into place
@@ -117,7 +130,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
         start = int(state["step"])
         val = [place_batch(b, mesh, batch_size) for b in eval_batches(
             val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
-            num_batches=t.eval_batches, eos_id=tokenizer.eos_id, rows=rows)]
+            num_batches=t.eval_batches, eos_id=tokenizer.eos_id, rows=rows, sequence_perm=perm)]
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         model_flops = flops_per_token(ModelConfig.from_config(cfg), cfg.data.seq_len)
         logger = MetricsLogger(workdir, start, t.steps, t.log_every, batch_size * cfg.data.seq_len,
@@ -130,16 +143,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     + (f"resuming at step {start}" if start else "starting at step 0"))
         meta = {"config": json.loads(cfg.to_json_best_effort())}
         multi_process = jax.process_count() > 1
-        previous_sigterm = None if multi_process else _stop_on_sigterm()
+        sigterm = SigtermStop(multi_process)
         try:
             batches = batch_iterator(train_ds, start)
             for step in range(start, t.steps):
                 state, metrics = training.train_step(
                     state, place_batch(next(batches), mesh, batch_size))
                 done = step + 1
-                # called every step by every process: True at the same step on all of them
-                # once any one has received SIGTERM
-                preempted = multi_process and multihost_utils.reached_preemption_sync_point(done)
+                preempted = sigterm.reached(done)
                 is_eval = not preempted and (done % t.eval_every == 0 or done == t.steps)
                 is_save = preempted or done % t.checkpoint_every == 0 or done == t.steps
                 eval_loss, paused = None, 0.0
@@ -153,7 +164,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     paused = time.perf_counter() - pause_start
                 logger.record(done, metrics, eval_loss, paused)
                 if preempted:
-                    logger.info(f"preempted (SIGTERM): all processes saved step {done}")
+                    logger.info(f"SIGTERM: saved step {done}" + (
+                        f" on all {jax.process_count()} processes" if multi_process else ""))
                     raise Preempted(f"step {done}")
         except Preempted:
             raise
@@ -165,14 +177,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
             try:
                 done = int(state["step"])
             except RuntimeError:  # interrupted inside a step whose input buffers were donated
+                done = None
+            if done is None:
                 logger.info("interrupted mid-step: the last saved checkpoint stands")
-                raise
+                raise  # the KeyboardInterrupt
             logger.info(f"interrupted: saving a checkpoint at step {done} before exiting")
             checkpointer.save(done, state, {**meta, "step": done}, force=True)
             raise
         finally:
-            if previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, previous_sigterm)
+            sigterm.restore()
             checkpointer.wait()
             checkpointer.close()
             logger.close()
