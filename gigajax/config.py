@@ -277,6 +277,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(isinstance(cfg.attention.ulysses_degree, int) and cfg.attention.ulysses_degree >= 1,
              "attention.ulysses_degree", cfg.attention.ulysses_degree,
              "use a positive integer (the all-to-all part of mesh.sequence in hybrid)")
+    _require(cfg.attention.ulysses_degree == 1 or cfg.attention.sp_impl == "hybrid",
+             "attention.ulysses_degree", cfg.attention.ulysses_degree,
+             f"it only applies to attention.sp_impl='hybrid' (sp_impl is "
+             f"{cfg.attention.sp_impl!r}); leave it at 1")
     _require(cfg.sharding.zero_stage in ZERO_STAGES, "sharding.zero_stage",
              cfg.sharding.zero_stage, "use 3 (FSDP: parameters and optimizer state sharded) or "
              "1 (optimizer state only)")

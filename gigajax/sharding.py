@@ -103,8 +103,19 @@ def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) 
                           f"FSDP shards the embed dim, so it must be a multiple of {fsdp}.")
     n_seq = sequence_size(mesh_sizes)
     if n_seq > 1:
-        check_sequence_split(seq_len, n_seq, cfg.attention.layout)
-        _, ulysses = sequence_split(n_seq, cfg.attention.sp_impl, cfg.attention.ulysses_degree)
+        ring, ulysses = sequence_split(n_seq, cfg.attention.sp_impl,
+                                       cfg.attention.ulysses_degree)
+        if ring > 1:  # the layout permutes the tokens for the ring's devices
+            check_sequence_split(seq_len, ring, cfg.attention.layout)
+            if cfg.attention.impl != "blockwise":
+                raise ConfigError(
+                    f"config.attention.impl={cfg.attention.impl!r} with a ring over "
+                    f"{ring} devices: ring attention runs the blockwise kernel on every K/V "
+                    "block (it needs each block's fp32 logsumexp); set attention.impl="
+                    "'blockwise', or use attention.sp_impl='ulysses'.")
+        if seq_len % n_seq:  # each ring shard splits again over the Ulysses devices
+            raise ConfigError(f"config.data.seq_len={seq_len} does not split over "
+                              f"mesh.sequence={n_seq}: use a multiple of {n_seq}.")
         if ulysses > 1:  # each tensor shard's heads are what the all-to-all splits
             local_kv = n_kv_heads // tp if n_kv_heads % tp == 0 else 1
             check_ulysses_heads(n_heads // tp, local_kv, ulysses, tensor=tp)

@@ -208,6 +208,9 @@ BAD_LAYOUTS = [
     ({"sequence": 8, "sp_impl": "ulysses"}, [], "model.n_heads"),  # 4 heads over 8
     ({"sequence": 2, "tensor": 4, "sp_impl": "ulysses"}, [], "model.n_heads"),  # 1 per shard
     ({"sequence": 8, "sp_impl": "hybrid", "ulysses_degree": 3}, [], "attention.ulysses_degree"),
+    ({"sequence": 8, "ulysses_degree": 2}, [], "attention.ulysses_degree"),  # ring ignores it
+    ({"sequence": 8}, ["--config.attention.impl=xla"], "attention.impl"),  # ring: blockwise
+    ({"sequence": 4, "sp_impl": "ulysses"}, ["--config.data.seq_len=66"], "data.seq_len"),
 ]
 
 
@@ -218,6 +221,15 @@ def test_bad_layouts_are_clear_errors(layout, overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         c = layout_config(cfg, layout)
         make_mesh(c.mesh, jax.devices(), c.attention)
+
+
+@pytest.mark.parametrize("layout,seq_len", [
+    ({"sequence": 4, "sp_impl": "ulysses"}, 68),  # no ring, no zigzag chunks: 68 % 4 suffices
+    ({"sequence": 4, "sp_impl": "hybrid", "ulysses_degree": 2}, 68),  # 2 x 2 zigzag chunks, x 2
+    ({"sequence": 8, "layout": "striped"}, 72),
+])
+def test_sequence_lengths_that_split_are_accepted(layout, seq_len):
+    layout_config(tiny_test_config(f"--config.data.seq_len={seq_len}"), layout)
 
 
 def test_layout_strings_are_checked():

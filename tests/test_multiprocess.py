@@ -112,12 +112,20 @@ def worker(workdir, how: str, rank: int, port: int, *extra: str):
                                        "SLURM_LOCALID": str(rank)})
 
 
+# a zigzag ring over all 8 devices: each process holds half of every sequence
+SEQUENCE_ACROSS_PROCESSES = ("--config.mesh.data=1", "--config.mesh.fsdp=1",
+                             "--config.mesh.tensor=1", "--config.mesh.sequence=8")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["flags", "slurm", "sbatch"])
+@pytest.mark.parametrize("how", ["flags", "slurm", "sbatch", "sequence"])
 def test_two_processes_match_one(how, tmp_path, one_process_losses):
     port = free_port()
     if how == "sbatch":
         workers = [sbatch(tmp_path, port)]  # one srun: both tasks' output, interleaved
+    elif how == "sequence":
+        workers = [worker(tmp_path, "flags", rank, port, *SEQUENCE_ACROSS_PROCESSES)
+                   for rank in range(2)]
     else:
         workers = [worker(tmp_path, how, rank, port) for rank in range(2)]
     outputs = [finish(w) for w in workers]

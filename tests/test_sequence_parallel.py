@@ -5,7 +5,7 @@ the layout, un-permutes the output and the gradients of sum(out * dout), and com
 `reference_attention` on the whole sequence in its original order. Tolerances, relative to the
 largest entry of each array: fp32 output 1e-5, gradients 1e-4; bf16 inputs 2e-2.
 Shapes: B=2, T=64, H=8 query heads, K=2 KV heads (GQA), E=8; packed documents whose boundaries
-fall inside device shards and across them.
+fall inside device shards and across them, with positions restarting at each document.
 """
 
 import functools
@@ -32,16 +32,24 @@ BLOCK = 8
 
 
 def make_inputs(seed=0, documents=True):
-    """q, k, v, dout in original order; global positions; segment ids of random documents."""
+    """q, k, v, dout in original order; positions; segment ids of random documents.
+
+    With documents, positions restart at each document start, as the data pipeline makes them
+    (the ring masks by position, the reference by token index); without, they are 0..T-1.
+    """
     rng = np.random.default_rng(seed)
     q, dout = (rng.standard_normal((B, T, H, E)) for _ in range(2))
     k, v = (rng.standard_normal((B, T, K, E)) for _ in range(2))
-    positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+    index = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+    if not documents:
+        return [np.asarray(x, np.float32) for x in (q, k, v, dout)], index, None
     # 5 documents per row, cut at random places (so they cross shard boundaries)
     cuts = np.sort(rng.choice(np.arange(1, T), size=(B, 4), replace=False), axis=1)
     segments = np.stack([np.searchsorted(c, np.arange(T), side="right") for c in cuts])
-    segments = segments.astype(np.int32) if documents else None
-    return [np.asarray(x, np.float32) for x in (q, k, v, dout)], positions, segments
+    starts = np.stack([np.concatenate([[0], c])[s] for c, s in zip(cuts, segments, strict=True)])
+    positions = (index - starts).astype(np.int32)
+    return ([np.asarray(x, np.float32) for x in (q, k, v, dout)], positions,
+            segments.astype(np.int32))
 
 
 def reference(q, k, v, dout, segments, window, dtype):

@@ -53,9 +53,10 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     (batch over data x fsdp, heads over tensor, tokens over sequence x ulysses), so no attention
     op is left for GSPMD to guess. When KV heads are replicated over `tensor` (fewer than its
     size), each device slices the one KV head that its query heads share. With sequence
-    parallelism the tokens are in the ring layout's order and the masks use their positions
-    (within a packed document position order is token order; segment ids keep documents apart):
-    Ulysses over `ulysses` (all-to-all), ring attention over `sequence`, or both (hybrid).
+    parallelism: Ulysses over `ulysses` (all-to-all; each device then holds whole sequences in
+    order, masked by index with any `attention.impl`), ring attention over `sequence` (tokens in
+    the ring layout's order, masked by their positions: within a packed document position order
+    is token order, and segment ids keep documents apart), or both (hybrid).
     """
     window = cfg.sliding_window or None
     masks = {"causal": True, "sliding_window": window, "block_q": cfg.block_q,
@@ -63,11 +64,6 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
 
     def by_index(q, k, v, segment_ids):  # the whole sequence, in order, on this device
         return dot_product_attention(q, k, v, impl=cfg.attention_impl, q_segment_ids=segment_ids,
-                                     kv_segment_ids=segment_ids, **masks)
-
-    def by_position(q, k, v, positions, segment_ids):  # the whole sequence, any order
-        return dot_product_attention(q, k, v, impl=cfg.attention_impl, q_positions=positions,
-                                     kv_positions=positions, q_segment_ids=segment_ids,
                                      kv_segment_ids=segment_ids, **masks)
 
     def ring(q, k, v, positions, segment_ids):  # this device's tokens against the ring's
@@ -84,7 +80,11 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     batch, heads, kv_heads = rules.get("batch"), rules.get("heads"), rules.get("kv_heads")
     seq = rules.get("inner_seq")
     group = cfg.n_heads // cfg.n_kv_heads
-    inner = ring if ring_size > 1 else by_position
+
+    def whole_sequence(q, k, v, positions, segment_ids):  # Ulysses alone keeps token order
+        return by_index(q, k, v, segment_ids)
+
+    inner = ring if ring_size > 1 else whole_sequence
 
     def local(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT):
         if heads is not None and kv_heads is None:  # KV replicated: take our query heads' one

@@ -38,9 +38,17 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
                  segment_ids_BT: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Logits [B, T, V] (float32) for integer tokens [B, T]; positions feed RoPE."""
+        """Logits [B, T, V] (float32) for integer tokens [B, T]; positions feed RoPE.
+
+        Positions must increase within each segment (pass segment ids when they restart at
+        document starts): ring sequence parallelism masks by position.
+        """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions_BT is None:
+            mesh = jax.sharding.get_abstract_mesh()
+            if not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1:
+                raise ValueError("ring attention over mesh axis `sequence` permutes the tokens: "
+                                 "pass positions_BT, permuted with them (the batch's positions)")
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         # FSDP-gather the table first; a vocab-parallel lookup is then a masked local gather
         table_VD = constrain(self.embed[...], ("vocab", "embed"))

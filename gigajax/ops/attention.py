@@ -110,8 +110,12 @@ def _kv_blocks(k, v, kv_pos, kv_seg, bk):
         _to_blocks(valid, bk, 1, fill=False),)
 
 
-def _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q, block_kv):
-    """Online-softmax forward (FlashAttention-2, Algorithm 1): one [bq,bk] score tile at a time."""
+def _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q, block_kv,
+         out_dtype=None):
+    """Online-softmax forward (FlashAttention-2, Algorithm 1): one [bq,bk] score tile at a time.
+
+    out is in `out_dtype` (default q.dtype; ring attention asks for fp32 partial results)."""
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     b, t, h, e = q.shape
     kh = k.shape[2]
     bq, bk = min(block_q, t), min(block_kv, k.shape[1])
@@ -146,7 +150,7 @@ def _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, scale, block_q, 
         (m, row_sum, acc), _ = lax.scan(kv_step, init, kv_xs)
         row_sum_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)
         lse = jnp.where(row_sum == 0.0, MASKED_LSE, m + jnp.log(row_sum_safe))
-        return (acc / row_sum_safe[..., None]).astype(q.dtype), lse
+        return (acc / row_sum_safe[..., None]).astype(out_dtype), lse
 
     out, lse = lax.map(q_block, q_xs)  # [nq,B,K,G,bq,E], [nq,B,K,G,bq]
     out = _from_blocks(out, 3, t).reshape(b, h, t, e).transpose(0, 2, 1, 3)
@@ -251,13 +255,16 @@ def blockwise_attention_fwd(
     q: Array, k: Array, v: Array, *, causal: bool = True, q_positions: Array | None = None,
     kv_positions: Array | None = None, q_segment_ids: Array | None = None,
     kv_segment_ids: Array | None = None, sliding_window: int | None = None,
-    scale: float | None = None, block_q: int = 512, block_kv: int = 512,
+    scale: float | None = None, block_q: int = 512, block_kv: int = 512, out_dtype=None,
 ) -> tuple[Array, Array]:
-    """Forward pass alone, for callers with their own VJP (ring attention): (out, lse fp32)."""
+    """Forward pass alone, for callers with their own VJP (ring attention): (out, lse fp32).
+
+    `out_dtype`: the output's dtype (default q.dtype); partial results to merge want fp32.
+    """
     q_pos, kv_pos, q_seg, kv_seg, scale = _normalize(
         q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)
     return _fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, sliding_window, scale, block_q,
-                block_kv)
+                block_kv, out_dtype)
 
 
 def blockwise_attention_bwd(

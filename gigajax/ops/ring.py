@@ -57,7 +57,7 @@ def _ring_forward(q, k, v, positions, segment_ids, axis_name, causal, window, sc
         return blockwise_attention_fwd(
             q, k_, v_, causal=causal, q_positions=positions, kv_positions=kv_pos,
             q_segment_ids=segment_ids, kv_segment_ids=kv_seg, sliding_window=window,
-            scale=scale, block_q=block_q, block_kv=block_kv)
+            scale=scale, block_q=block_q, block_kv=block_kv, out_dtype=_F32)
 
     def step(carry, _):
         kv, out, lse = carry
