@@ -83,8 +83,7 @@ def measure(config: str, seq_len: int, n: int, sp_impl: str, degree: int) -> dic
     shardings = param_shardings(abstract, mesh, layout.params)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-    x = jax.ShapeDtypeStruct((1, seq_len, model_cfg.d_model), dtype,
-                             sharding=NamedSharding(mesh, PartitionSpec(None, SEQUENCE_AXES)))
+    x = jax.ShapeDtypeStruct((1, seq_len, model_cfg.d_model), dtype, sharding=tokens)
     positions = jax.ShapeDtypeStruct((1, seq_len), jnp.int32, sharding=tokens)
     start = time.perf_counter()
     with jax.set_mesh(mesh):

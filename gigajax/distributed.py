@@ -10,6 +10,7 @@ them agree on the step to save (`train/loop.py`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -59,6 +60,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+@functools.lru_cache  # place_batch asks every step
 def process_rows(mesh: Mesh, batch_size: int) -> slice:
     """The contiguous rows of a [batch_size, ...] batch that this process's devices hold."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_SPEC[0]))
@@ -83,10 +85,9 @@ def place_batch(local: dict[str, np.ndarray], mesh: Mesh, batch_size: int
     first_row = process_rows(mesh, batch_size).start
 
     def place(value: np.ndarray) -> jax.Array:
-        def block(index: tuple[slice, ...]) -> np.ndarray:
-            rows = slice(index[0].start - first_row if index[0].start is not None else None,
-                         index[0].stop - first_row if index[0].stop is not None else None)
-            return value[(rows, *index[1:])]
+        def block(index: tuple[slice, ...]) -> np.ndarray:  # global index -> this process's rows
+            rows = range(batch_size)[index[0]]
+            return value[(slice(rows.start - first_row, rows.stop - first_row), *index[1:])]
 
         return jax.make_array_from_callback((batch_size, *value.shape[1:]), sharding, block)
 

@@ -84,20 +84,18 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     def whole_sequence(q, k, v, positions, segment_ids):  # Ulysses alone keeps token order
         return by_index(q, k, v, segment_ids)
 
-    inner = ring if ring_size > 1 else whole_sequence
-
     def local(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT):
         if heads is not None and kv_heads is None:  # KV replicated: take our query heads' one
             first = jax.lax.axis_index(heads) * q_BTHE.shape[2] // group
             k_BSKE = jax.lax.dynamic_slice_in_dim(k_BSKE, first, 1, axis=2)
             v_BSKE = jax.lax.dynamic_slice_in_dim(v_BSKE, first, 1, axis=2)
-        if ring_size * ulysses == 1:
-            return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
-        if ulysses > 1:
+        if ulysses > 1:  # pure Ulysses, or hybrid with a ring inside
             return ulysses_attention(q_BTHE, k_BSKE, v_BSKE, axis_name="ulysses",
                                      positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-                                     local_attention=inner)
-        return inner(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
+                                     local_attention=ring if ring_size > 1 else whole_sequence)
+        if ring_size > 1:
+            return ring(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
+        return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
 
     q_spec = PartitionSpec(batch, seq, heads, None)
     kv_spec = PartitionSpec(batch, seq, kv_heads, None)
