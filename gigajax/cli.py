@@ -1,7 +1,9 @@
-"""`gigajax` command line: `gigajax train` and `gigajax check-layouts`.
+"""`gigajax` command line: train, check-layouts, data (tokenizers, preparation), ckpt (tools).
 
 `gigajax train --config FILE --workdir DIR [--config.a.b=v ...]` trains or resumes;
-`gigajax check-layouts --config FILE --layouts "data=8;fsdp=8"` compares layouts with one device.
+`gigajax check-layouts --config FILE --layouts "data=8;fsdp=8"` compares layouts with one device;
+`gigajax data train-tokenizer|prepare ...` and `gigajax ckpt average|export ...` are registered
+by `gigajax/data/commands.py` and `gigajax/train/ckpt_commands.py`.
 
 User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2.
 """
@@ -12,7 +14,9 @@ import argparse
 import os
 import sys
 
+from gigajax.data import commands as data_commands
 from gigajax.errors import GigajaxError
+from gigajax.train import ckpt_commands
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -111,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                             'tensor=4,megatron_sp=1"')
     check.add_argument("--steps", type=int, default=3, help="optimizer steps per layout")
     check.add_argument("--output", help="also write the rows as JSON here")
+    train.set_defaults(handler=lambda args, rest: _train(args, _split_overrides(rest)))
+    check.set_defaults(handler=lambda args, rest: _check_layouts(args, _split_overrides(rest)))
+    data_commands.register(commands)
+    ckpt_commands.register(commands)
     args, rest = parser.parse_known_args(argv)
-    command = {"train": _train, "check-layouts": _check_layouts}[args.command]
     try:
-        return command(args, _split_overrides(rest))
+        return args.handler(args, rest)
     except GigajaxError as error:
         print(f"gigajax: error: {error}", file=sys.stderr)
         return 2
