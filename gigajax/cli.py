@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, rest)
     except GigajaxError as error:
         print(f"gigajax: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print("gigajax: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)

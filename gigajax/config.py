@@ -20,6 +20,7 @@ from gigajax.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
 ROPE_SCALINGS = ("none", "linear", "yarn")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,10 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
     # layout contiguous | striped | zigzag: which tokens each ring device holds
     c.attention = dict(impl="blockwise", block_q=512, block_kv=512, sp_impl="ring",
                        layout="zigzag", ulysses_degree=1)
-    c.data = dict(source="stdlib", tokenizer="byte", seq_len=1024, batch_size=8,
-                  val_fraction=0.05, max_bytes=0)
+    # source stdlib | prepared (`gigajax data prepare` output: data.path, or data.mixture
+    # 'DIR=WEIGHT,DIR=WEIGHT'); tokenizer auto: byte for stdlib, the manifest's for prepared.
+    # val_fraction, max_bytes: stdlib only. fim_rate: share of documents rewritten for FIM.
+    c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
+                  batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0)
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
-                   checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0)
+                   checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0,
+                   nonfinite="skip")  # NaN/Inf loss or grad norm: skip (drop the update) | stop
     c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)
@@ -63,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     # zero_stage 3: parameters and optimizer state over `fsdp` (FSDP); 1: optimizer state only.
     # megatron_sp: split norm/residual activations over `tensor` too (Megatron sequence parallel).
     c.sharding = dict(zero_stage=3, megatron_sp=False)
-    c.checkpoint = dict(max_to_keep=3, async_save=True)
+    # keep the last max_to_keep checkpoints, plus every one whose step is a multiple of keep_every
+    c.checkpoint = dict(max_to_keep=3, keep_every=0, async_save=True)
     return ml_collections.ConfigDict(c)
 
 
@@ -289,6 +295,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if fixed_device_count(cfg.mesh) is not None:  # otherwise checked once the mesh exists
         check_layout(cfg, dict(cfg.mesh))
     make_optimizer(cfg.optim, cfg.train.steps)  # raises ConfigError naming the optim.* field
-    tokenizer = check_data_config(cfg.data)
-    _require(m.vocab_size >= tokenizer.vocab_size, "model.vocab_size", m.vocab_size,
-             f"the {cfg.data.tokenizer!r} tokenizer has {tokenizer.vocab_size} ids")
+    _choice(cfg, "train.nonfinite", NONFINITE_POLICIES)
+    _require(isinstance(cfg.checkpoint.keep_every, int) and cfg.checkpoint.keep_every >= 0,
+             "checkpoint.keep_every", cfg.checkpoint.keep_every,
+             "use 0 (keep only the last checkpoint.max_to_keep) or a positive step interval")
+    ids = check_data_config(cfg.data)
+    _require(m.vocab_size >= ids.vocab_size, "model.vocab_size", m.vocab_size,
+             f"the data's tokenizer has {ids.vocab_size} ids")
+    _require(m.vocab_size > ids.max_token_id, "model.vocab_size", m.vocab_size,
+             f"the prepared data holds token id {ids.max_token_id}")

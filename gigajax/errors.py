@@ -4,6 +4,8 @@
 class GigajaxError(Exception):
     """A user error (bad config, bad data, missing file) with a message saying how to fix it."""
 
+    exit_code = 2  # what the CLI exits with
+
 
 class ConfigError(GigajaxError):
     """A config field has a value that is not allowed; the message names the field."""

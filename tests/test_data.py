@@ -27,6 +27,9 @@ def _data_cfg(**overrides):
             "batch_size": 4,
             "val_fraction": 0.1,
             "max_bytes": MAX_BYTES,
+            "path": "",
+            "mixture": "",
+            "fim_rate": 0.0,
         }
     )
     cfg.update(overrides)
@@ -60,7 +63,8 @@ def test_byte_tokenizer_roundtrips_non_ascii_text():
     assert ids.dtype == np.uint16
     assert len(ids) == len(text.encode("utf-8"))
     assert TOK.decode(ids) == text
-    assert TOK.vocab_size == 259 and (TOK.bos_id, TOK.eos_id, TOK.pad_id) == (256, 257, 258)
+    assert TOK.vocab_size == 262 and (TOK.bos_id, TOK.eos_id, TOK.pad_id) == (256, 257, 258)
+    assert (TOK.fim_prefix_id, TOK.fim_middle_id, TOK.fim_suffix_id) == (259, 260, 261)
 
 
 def test_byte_tokenizer_decode_skips_specials_and_replaces_bad_utf8():
@@ -194,7 +198,7 @@ def test_different_seeds_give_different_orders(train_tokens):
 
 def test_build_datasets_returns_tokenizer_train_dataset_and_validation_tokens():
     tokenizer, train_ds, val_tokens = pipeline.build_datasets(_data_cfg(), seed=0)
-    assert tokenizer.vocab_size == 259
+    assert tokenizer.vocab_size == 262
     assert train_ds[0]["inputs"].shape == (4, 64)
     assert val_tokens.dtype == np.uint16 and val_tokens[-1] == EOS
     batches = pipeline.eval_batches(val_tokens, seq_len=64, batch_size=4, num_batches=2)

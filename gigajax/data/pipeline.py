@@ -1,10 +1,14 @@
-"""Grain pipeline: a token stream -> shuffled fixed-length windows -> packed batches.
+"""Grain pipeline: token streams -> shuffled fixed-length windows -> packed batches.
 
-The stream is cut into non-overlapping windows of T+1 tokens with stride T (window i covers tokens
-[i*T, i*T+T]), so every token after the first is a target once per epoch (a tail shorter than T is
-dropped). The dataset is a random-access `grain.MapDataset`: the batch of training step s is
-`ds[s]`, a pure function of (tokens, seed, s), so resuming after a crash is starting at index
-`step`, with no iterator state.
+Sources: the stdlib corpus (`data.source=stdlib`, in memory) or directories written by
+`gigajax data prepare` (`data.source=prepared`, memory-mapped shards, `data/store.py`), one
+(`data.path`) or several mixed by weight (`data.mixture`). Each stream holds documents each
+followed by EOS and is cut into non-overlapping windows of T+1 tokens with stride T (window i
+covers tokens [i*T, i*T+T]), so every token after the first is a target once per epoch (a tail
+shorter than T is dropped): documents are packed several to a window, and one that crosses a
+window edge continues in the next window. The dataset is a random-access `grain.MapDataset`:
+the batch of training step s is `ds[s]`, a pure function of (data, seed, s). The training loop
+reads it through grain's iterator, whose state (the next index) is saved with every checkpoint.
 
 A batch is a dict of numpy arrays, all [B, T]:
   inputs, targets  int32   window[:-1], window[1:]
@@ -12,7 +16,8 @@ A batch is a dict of numpy arrays, all [B, T]:
                            or from the token after the last EOS, whichever is later
   segment_ids      int32   1 + number of EOS inputs before this token in the window (the token
                            after an EOS opens a new document); attention must not cross segments
-  loss_mask        float32 0 where the input is EOS (its target opens the next document), else 1
+  loss_mask        float32 0 where the input is EOS (its target opens the next document) or,
+                           for SFT data, where the target is not a response token; else 1
 
 Under sequence parallelism every [B, T] array is permuted along T into the ring layout
 (`ops/layouts.py`, `sequence_perm`) here, once; the model and the loss never un-permute.
@@ -20,20 +25,22 @@ Under sequence parallelism every [B, T] array is permuted along T into the ring 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from gigajax.data import store
 from gigajax.data.stdlib_corpus import load_stdlib_tokens
-from gigajax.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+from gigajax.data.tokenizer import ByteTokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError
 from gigajax.ops.layouts import permute_sequence
 
 Batch = dict[str, np.ndarray]
-SOURCES = ("stdlib",)
+SOURCES = ("stdlib", "prepared")
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -50,8 +57,9 @@ def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return view[::seq_len]
 
 
-def batch_features(w_BxT1: np.ndarray, eos_id: int) -> Batch:
-    """[B, T+1] token windows -> the batch dict (inputs, targets, positions, segment_ids, mask)."""
+def batch_features(w_BxT1: np.ndarray, target_mask_BxT1: np.ndarray | None = None, *,
+                   eos_id: int) -> Batch:
+    """[B, T+1] token windows (and their 0/1 target masks, SFT) -> the batch dict."""
     w_BxT1 = w_BxT1.astype(np.int32)
     inputs_BxT, targets_BxT = w_BxT1[:, :-1], w_BxT1[:, 1:]
     seq_len = inputs_BxT.shape[1]
@@ -60,12 +68,15 @@ def batch_features(w_BxT1: np.ndarray, eos_id: int) -> Batch:
     starts_BxT[:, 1:] = is_eos_BxT[:, :-1]  # the token after an EOS opens a new document
     idx_T = np.arange(seq_len, dtype=np.int32)
     last_start_BxT = np.maximum.accumulate(np.where(starts_BxT, idx_T, 0), axis=1)
+    learn_BxT = ~is_eos_BxT
+    if target_mask_BxT1 is not None:
+        learn_BxT &= target_mask_BxT1[:, 1:].astype(bool)  # is the *target* a trained token
     return {
         "inputs": np.ascontiguousarray(inputs_BxT),
         "targets": np.ascontiguousarray(targets_BxT),
         "positions": (idx_T - last_start_BxT).astype(np.int32),
         "segment_ids": 1 + np.cumsum(starts_BxT, axis=1, dtype=np.int32),
-        "loss_mask": (~is_eos_BxT).astype(np.float32),
+        "loss_mask": learn_BxT.astype(np.float32),
     }
 
 
@@ -84,8 +95,73 @@ def _shuffle_seed(seed: int) -> int:
     return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSource:
+    """One token stream (documents each followed by EOS) and, for SFT data, its target mask."""
+
+    tokens: Sequence[int]  # [N] np.ndarray or store.ConcatStream (memory-mapped shards)
+    mask: Sequence[int] | None = None  # [N] 1 = the token is a training target; None = all are
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FimSpec:
+    """Fill-in-the-middle: rewrite a `rate` fraction of documents as prefix-suffix-middle."""
+
+    rate: float
+    prefix_id: int
+    middle_id: int
+    suffix_id: int
+
+
+class WindowSource(Sequence):
+    """Random access to the windows of a TokenSource: item i = (tokens, target mask), each [T+1]
+    = stream[i*T : i*T + T + 1]; only those T+1 tokens are read (memory-mapped shards)."""
+
+    def __init__(self, source: TokenSource, seq_len: int):
+        self.source, self.seq_len = source, seq_len
+
+    def __len__(self) -> int:
+        return num_windows(len(self.source.tokens), self.seq_len)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        span = slice(i * self.seq_len, (i + 1) * self.seq_len + 1)
+        tokens = np.asarray(self.source.tokens[span], dtype=np.int32)
+        if self.source.mask is None:
+            return tokens, np.ones(len(tokens), np.uint8)
+        return tokens, np.asarray(self.source.mask[span], dtype=np.uint8)
+
+
+def apply_fim(tokens: np.ndarray, mask: np.ndarray, fim: FimSpec, eos_id: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rewrite each document piece of a [T+1] window, with probability `fim.rate`, as
+    PRE prefix SUF suffix MID middle (PSM, Bavarian et al. 2022) at two uniform cut points.
+
+    A piece is a run of tokens between EOS tokens, so EOS positions (and with them segment ids
+    and positions) do not move. Three tokens are dropped from the end of a rewritten piece to
+    make room for the sentinels, so the window keeps its length; pieces shorter than 5 tokens
+    stay as they are. Rewritten pieces are trained on in full (mask 1).
+    """
+    tokens, mask = tokens.copy(), mask.copy()
+    bounds = np.flatnonzero(tokens == eos_id)
+    starts = np.concatenate([[0], bounds + 1])
+    ends = np.concatenate([bounds, [len(tokens)]])
+    for lo, hi in zip(starts, ends, strict=True):
+        draw = rng.random()  # one draw per piece, taken or not, so later pieces do not shift
+        if hi - lo < 5 or draw >= fim.rate:
+            continue
+        body = tokens[lo:hi - 3]
+        i, j = np.sort(rng.integers(0, len(body) + 1, size=2))
+        tokens[lo:hi] = np.concatenate([[fim.prefix_id], body[:i], [fim.suffix_id], body[j:],
+                                        [fim.middle_id], body[i:j]])
+        mask[lo:hi] = 1
+    return tokens, mask
+
+
 def make_dataset(
-    tokens: np.ndarray,
+    tokens: np.ndarray | Sequence[TokenSource],
     *,
     seq_len: int,
     batch_size: int,
@@ -95,47 +171,81 @@ def make_dataset(
     eos_id: int = ByteTokenizer.eos_id,
     rows: slice | None = None,
     sequence_perm: np.ndarray | None = None,
+    weights: Sequence[float] | None = None,
+    fim: FimSpec | None = None,
 ) -> grain.MapDataset:
     """A random-access dataset whose item s is the batch for step s (a function of seed and s).
 
-    `rows` selects this process's rows of each global batch (all rows when None): a process
-    reads only the windows it feeds to its own devices. `sequence_perm` permutes the tokens of
-    every row into the sequence-parallel layout.
+    `tokens` is one stream, or several TokenSources mixed by `weights` (grain's deterministic
+    weighted interleave of the per-source shuffled windows). `rows` selects this process's rows
+    of each global batch (all rows when None): a process reads only the windows it feeds to its
+    own devices. `sequence_perm` permutes the tokens of every row into the sequence-parallel
+    layout. `fim` rewrites documents for fill-in-the-middle, seeded by (seed, sample index).
     """
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
-    n = num_windows(len(tokens), seq_len)
-    if n < batch_size:
-        raise DataError(
-            f"{len(tokens)} tokens give {n} windows of data.seq_len={seq_len}+1 tokens, fewer than "
-            f"one batch of data.batch_size={batch_size}. Lower data.seq_len or data.batch_size, or "
-            "read more text (raise data.max_bytes, 0 = no cap)."
-        )
-    ds = grain.MapDataset.source(windows(tokens, seq_len))
-    if shuffle:
-        ds = ds.shuffle(seed=_shuffle_seed(seed))  # a fresh permutation every epoch
-    if repeat:
-        ds = ds.repeat()  # infinite; batches may straddle an epoch boundary
+    sources = [TokenSource(tokens)] if isinstance(tokens, np.ndarray) else list(tokens)
+    parts = []
+    for i, source in enumerate(sources):
+        n = num_windows(len(source.tokens), seq_len)
+        if n < batch_size:
+            raise DataError(
+                f"{len(source.tokens)} tokens{f' in {source.name}' if source.name else ''} give "
+                f"{n} windows of data.seq_len={seq_len}+1 tokens, fewer than one batch of "
+                f"data.batch_size={batch_size}. Lower data.seq_len or data.batch_size, or "
+                "read more text (raise data.max_bytes, 0 = no cap; or prepare more data).")
+        ds = grain.MapDataset.source(WindowSource(source, seq_len))
+        if shuffle:  # a fresh permutation every epoch
+            ds = ds.shuffle(seed=_shuffle_seed(seed if len(sources) == 1 else [seed, i]))
+        parts.append(ds.repeat() if repeat else ds)
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     local = range(*(rows or slice(0, batch_size)).indices(batch_size))
 
-    def local_windows(step: int) -> np.ndarray:  # rows `local` of the global batch `step`
-        return np.stack([ds[step * batch_size + r] for r in local])
+    def local_windows(step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `local` of global batch `step`: tokens and target masks, [B_local, T+1]."""
+        picked = []
+        for r in local:
+            k = step * batch_size + r  # the global sample index
+            tokens_T1, mask_T1 = ds[k]
+            if fim is not None and fim.rate > 0:
+                tokens_T1, mask_T1 = apply_fim(tokens_T1, mask_T1, fim, eos_id,
+                                               np.random.default_rng([seed, k]))
+            picked.append((tokens_T1, mask_T1))
+        return np.stack([t for t, _ in picked]), np.stack([m for _, m in picked])
 
     batches = grain.MapDataset.range(len(ds) // batch_size).map(local_windows)
-    features = batches.map(functools.partial(batch_features, eos_id=eos_id))
+    features = batches.map(lambda w: batch_features(*w, eos_id=eos_id))
     return features.map(functools.partial(permute_batch, perm=sequence_perm))
 
 
-def batch_iterator(ds: grain.MapDataset, start_step: int, prefetch: int = 2) -> Iterator[Batch]:
-    """Batches for steps start_step, start_step+1, ...; one thread reads `prefetch` ahead."""
+def batch_iterator(ds: grain.MapDataset, start_step: int = 0, prefetch: int = 2
+                   ) -> grain.DatasetIterator:
+    """Grain's iterator over the step-indexed batches, at batch `start_step`; one thread reads
+    `prefetch` ahead. Its `get_state()` is what checkpoints save (`iterator_step` reads it)."""
     read_options = grain.ReadOptions(
         num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=prefetch
     )
-    return iter(ds.slice(slice(start_step, None)).to_iter_dataset(read_options))
+    iterator = iter(ds.to_iter_dataset(read_options))
+    if start_step:
+        iterator.set_state({"next_index": start_step})
+    return iterator
+
+
+def iterator_step(iterator: grain.DatasetIterator) -> int:
+    """The step whose batch `iterator` yields next."""
+    return int(iterator.get_state()["next_index"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Token sources with sampling weights (one source: weight 1)."""
+
+    sources: tuple[TokenSource, ...]
+    weights: tuple[float, ...]
 
 
 def eval_batches(
-    tokens: np.ndarray,
+    tokens: np.ndarray | Mixture,
     *,
     seq_len: int,
     batch_size: int,
@@ -144,38 +254,110 @@ def eval_batches(
     rows: slice | None = None,
     sequence_perm: np.ndarray | None = None,
 ) -> list[Batch]:
-    """The first `num_batches` batches of the unshuffled validation stream (a fixed list)."""
-    n = num_windows(len(tokens), seq_len)
-    if n < num_batches * batch_size:
-        raise DataError(
-            f"The validation split has {len(tokens)} tokens = {n} windows of data.seq_len={seq_len}"
-            f"+1, fewer than train.eval_batches={num_batches} x data.batch_size={batch_size}. "
-            "Lower train.eval_batches, data.seq_len or data.batch_size, or raise data.val_fraction "
-            "or data.max_bytes."
-        )
-    ds = make_dataset(
-        tokens,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=0,
-        eos_id=eos_id,
-        shuffle=False,
-        repeat=False,
-        rows=rows,
-        sequence_perm=sequence_perm,
-    )
+    """The first `num_batches` batches of the unshuffled validation stream(s) (a fixed list)."""
+    mix = tokens if isinstance(tokens, Mixture) else Mixture((TokenSource(tokens),), (1.0,))
+    for source, weight in zip(mix.sources, mix.weights, strict=True):
+        n = num_windows(len(source.tokens), seq_len)
+        wanted = int(np.ceil(num_batches * batch_size * weight))
+        if n < wanted:
+            raise DataError(
+                f"The validation split{f' of {source.name}' if source.name else ''} has "
+                f"{len(source.tokens)} tokens = {n} windows of data.seq_len={seq_len}+1, fewer "
+                f"than the {wanted} that train.eval_batches={num_batches} x data.batch_size="
+                f"{batch_size} take from it. Lower train.eval_batches, data.seq_len or "
+                "data.batch_size, or give validation more data (data.val_fraction and "
+                "data.max_bytes for the stdlib; `data prepare --val-fraction`).")
+    ds = make_dataset(mix.sources, seq_len=seq_len, batch_size=batch_size, seed=0,
+                      eos_id=eos_id, shuffle=False, repeat=False, rows=rows,
+                      sequence_perm=sequence_perm, weights=mix.weights)
     return [ds[i] for i in range(num_batches)]
 
 
-def check_data_config(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """Fail fast on an unknown `data.source` or `data.tokenizer`; returns the tokenizer."""
+@dataclasses.dataclass(frozen=True)
+class DataIds:
+    """What training needs to know of the tokenizer: its vocabulary and special ids."""
+
+    vocab_size: int
+    eos_id: int
+    max_token_id: int  # the largest id in the data (vocab_size - 1 when unknown)
+    fim: FimSpec | None  # the FIM sentinels (rate = data.fim_rate), None if it has none
+
+
+def parse_mixture(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+    """`data.path` (one directory) or `data.mixture` ('DIR=WEIGHT,DIR=WEIGHT') -> [(dir, w)]
+    with weights summing to 1."""
+    path, mixture = data_cfg.path, data_cfg.mixture
+    if bool(path) == bool(mixture):
+        raise ConfigError(
+            "data.source='prepared' reads data.path (one prepared directory) or data.mixture "
+            f"('DIR=WEIGHT,DIR=WEIGHT'): set exactly one (data.path={path!r}, "
+            f"data.mixture={mixture!r}).")
+    if path:
+        return [(path, 1.0)]
+    entries = []
+    for item in mixture.split(","):
+        directory, sep, weight = item.strip().rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not directory or not value > 0:
+            raise ConfigError(f"data.mixture entry {item!r} is not DIR=WEIGHT with a positive "
+                              "weight; e.g. data.mixture='data/code=0.3,data/web=0.7'.")
+        entries.append((directory, value))
+    total = sum(w for _, w in entries)
+    return [(d, w / total) for d, w in entries]
+
+
+def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, float]], DataIds,
+                                                                bool]:
+    """Read every manifest of the prepared source and check they agree; returns (dirs with
+    weights, ids, whether any has a loss mask)."""
+    entries = parse_mixture(data_cfg)
+    manifests = [(d, store.read_manifest(d)) for d, _ in entries]
+    first_dir, first = manifests[0]
+    for d, m in manifests[1:]:
+        if m["tokenizer"]["fingerprint"] != first["tokenizer"]["fingerprint"]:
+            raise ConfigError(f"data.mixture: {d} was prepared with tokenizer "
+                              f"{m['tokenizer']['spec']!r} and {first_dir} with "
+                              f"{first['tokenizer']['spec']!r}; a mixture needs one tokenizer.")
+    tok = first["tokenizer"]
+    if data_cfg.tokenizer != "auto":
+        wanted = get_tokenizer(data_cfg.tokenizer)
+        if wanted.fingerprint() != tok["fingerprint"]:
+            raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} is not the tokenizer "
+                              f"{tok['spec']!r} that {first_dir} was prepared with; use "
+                              "data.tokenizer=auto (the manifest's) or prepare again.")
+    fim_ids = (tok.get("fim_prefix_id"), tok.get("fim_middle_id"), tok.get("fim_suffix_id"))
+    fim = FimSpec(data_cfg.fim_rate, *fim_ids) if None not in fim_ids else None
+    ids = DataIds(tok["vocab_size"], tok["eos_id"],
+                  max(int(m.get("max_token_id", tok["vocab_size"] - 1)) for _, m in manifests), fim)
+    return entries, ids, any(m.get("has_loss_mask") for _, m in manifests)
+
+
+def check_data_config(data_cfg: ml_collections.ConfigDict) -> DataIds:
+    """Fail fast on a bad `data.*` (source, tokenizer, paths, mixture, FIM); returns the ids."""
     if data_cfg.source not in SOURCES:
         raise ConfigError(
             f"data.source={data_cfg.source!r} is not a known source; allowed values: "
-            + ", ".join(repr(s) for s in SOURCES)
-            + "."
-        )
-    return get_tokenizer(data_cfg.tokenizer)
+            + ", ".join(repr(s) for s in SOURCES) + ".")
+    if not 0.0 <= data_cfg.fim_rate <= 1.0:
+        raise ConfigError(f"data.fim_rate={data_cfg.fim_rate!r} must lie in [0, 1].")
+    if data_cfg.source == "stdlib":
+        tok = get_tokenizer("byte" if data_cfg.tokenizer == "auto" else data_cfg.tokenizer)
+        fim_ids = tuple(getattr(tok, f"fim_{k}_id", None) for k in ("prefix", "middle", "suffix"))
+        fim = FimSpec(data_cfg.fim_rate, *fim_ids) if None not in fim_ids else None
+        ids, has_mask = DataIds(tok.vocab_size, tok.eos_id, tok.vocab_size - 1, fim), False
+    else:
+        _, ids, has_mask = _prepared_ids(data_cfg)
+    if data_cfg.fim_rate > 0 and ids.fim is None:
+        raise ConfigError(f"data.fim_rate={data_cfg.fim_rate} needs FIM sentinel tokens, which "
+                          "this tokenizer lacks; train one with `gigajax data train-tokenizer` "
+                          "or set data.fim_rate=0.")
+    if data_cfg.fim_rate > 0 and has_mask:
+        raise ConfigError(f"data.fim_rate={data_cfg.fim_rate} applies to pretraining text; the "
+                          "SFT data here has a loss mask. Set data.fim_rate=0.")
+    return ids
 
 
 def build_datasets(
@@ -183,28 +365,32 @@ def build_datasets(
     seed: int,
     rows: slice | None = None,
     sequence_perm: np.ndarray | None = None,
-) -> tuple[Tokenizer, grain.MapDataset, np.ndarray]:
-    """From the `data` config: (tokenizer, train batches dataset, validation token stream).
+) -> tuple[DataIds, grain.MapDataset, np.ndarray | Mixture]:
+    """From the `data` config: (ids, train batches dataset, validation stream(s)).
 
     `rows`, `sequence_perm`: this process's rows of each training batch, and the sequence
     layout of its tokens (see `make_dataset`).
     """
-    tokenizer = check_data_config(data_cfg)
-    max_bytes = int(data_cfg.max_bytes) or None
-    load = functools.partial(
-        load_stdlib_tokens,
-        tokenizer=tokenizer,
-        max_bytes=max_bytes,
-        val_fraction=data_cfg.val_fraction,
-    )
-    train_tokens = load("train")
-    train_ds = make_dataset(
-        train_tokens,
-        seq_len=data_cfg.seq_len,
-        batch_size=data_cfg.batch_size,
-        seed=seed,
-        eos_id=tokenizer.eos_id,
-        rows=rows,
-        sequence_perm=sequence_perm,
-    )
-    return tokenizer, train_ds, load("validation")
+    ids = check_data_config(data_cfg)
+    fim = ids.fim if data_cfg.fim_rate > 0 else None
+    if data_cfg.source == "stdlib":
+        load = functools.partial(
+            load_stdlib_tokens, tokenizer=get_tokenizer("byte" if data_cfg.tokenizer == "auto"
+                                                        else data_cfg.tokenizer),
+            max_bytes=int(data_cfg.max_bytes) or None, val_fraction=data_cfg.val_fraction)
+        train: np.ndarray | list[TokenSource] = load("train")
+        weights, val = None, load("validation")
+    else:
+        entries, _, _ = _prepared_ids(data_cfg)
+        def sources(split: str) -> list[TokenSource]:
+            opened = [(d, store.open_split(d, split)) for d, _ in entries]
+            return [TokenSource(s.tokens, s.mask, f"{d} ({split})") for d, s in opened]
+
+        train = sources("train")
+        val_sources = sources("validation")
+        weights = [w for _, w in entries]
+        val = Mixture(tuple(val_sources), tuple(weights))
+    train_ds = make_dataset(train, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                            seed=seed, eos_id=ids.eos_id, rows=rows, sequence_perm=sequence_perm,
+                            weights=weights, fim=fim)
+    return ids, train_ds, val

@@ -1,9 +1,66 @@
-"""`gigajax ckpt ...` subcommands (to be filled: average, export)."""
+"""`gigajax ckpt ...` subcommands: average (weights of several steps), export (params only)."""
 
 from __future__ import annotations
 
 import argparse
 
+from gigajax.errors import GigajaxError
+
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def _no_extra(rest: list[str]) -> None:
+    if rest:
+        raise GigajaxError(f"unknown argument(s) {' '.join(rest)}: see `gigajax ckpt --help`.")
+
+
+def parse_steps(text: str) -> list[int]:
+    """'9000,9500,10000' -> [9000, 9500, 10000]."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise GigajaxError(f"--steps {text!r}: give comma-separated step numbers, e.g. "
+                           "9000,9500,10000.") from None
+
+
+def _average(args: argparse.Namespace, rest: list[str]) -> int:
+    _no_extra(rest)
+    from gigajax.train import ckpt_tools
+
+    ckpt_tools.average(args.workdir, parse_steps(args.steps), args.out, args.dtype)
+    return 0
+
+
+def _export(args: argparse.Namespace, rest: list[str]) -> int:
+    _no_extra(rest)
+    from gigajax.train import ckpt_tools
+
+    ckpt_tools.export(args.workdir, args.out, args.step, args.dtype)
+    return 0
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `gigajax ckpt` and its subcommands; each sets `handler(args, rest) -> exit code`."""
+    ckpt = commands.add_parser(
+        "ckpt", help="checkpoint tools: average, export",
+        description="Tools over a run's checkpoints (<workdir>/checkpoints/<step>/). Both write a "
+                    "params-only checkpoint that `gigajax.train.ckpt_tools.load_params` reads.")
+    tools = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    average = tools.add_parser(
+        "average", help="mean of the parameters of several steps",
+        description="Average the parameters of several checkpoints of one run element-wise "
+                    "(fp32 sum), e.g. the last few before the end of a run.")
+    average.add_argument("--workdir", required=True, help="the training run's workdir")
+    average.add_argument("--steps", required=True, help="comma-separated, e.g. 9000,9500,10000")
+    average.add_argument("--out", required=True, help="new directory for the averaged params")
+    average.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    average.set_defaults(handler=_average)
+    export = tools.add_parser(
+        "export", help="params of one step, for inference",
+        description="Write the parameters of one checkpoint (no optimizer state) with the run's "
+                    "config, optionally cast to bfloat16.")
+    export.add_argument("--workdir", required=True, help="the training run's workdir")
+    export.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    export.add_argument("--out", required=True, help="new directory for the params")
+    export.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    export.set_defaults(handler=_export)

@@ -104,6 +104,11 @@ class MetricsLogger:
                 row["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
+        if "skipped" in last:
+            row["skipped"] = int(last["skipped"])
+            if row["skipped"] > self.summary.get("skipped", 0):
+                self.info(f"[yellow]{row['skipped']} step(s) so far had a non-finite loss or "
+                          "gradient norm; their updates were dropped (train.nonfinite=skip)")
         if self.enabled:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()

@@ -1,10 +1,12 @@
 """The training loop: data -> jitted step -> metrics/logging -> eval -> checkpoint, resumable.
 
 Everything a run writes lives in its workdir: `metrics.jsonl` (one JSON object per logged step),
-`tb/` (TensorBoard scalars), `checkpoints/<step>/` (Orbax) and `config.json`. Running the same
-command again resumes from the latest checkpoint. SIGTERM (preemption) lets the step in flight
-finish, saves, and exits; with several processes all stop at the step JAX's preemption service
-has them agree on. Ctrl-C saves too when it lands between steps (one process only).
+`tb/` (TensorBoard scalars), `checkpoints/<step>/` (Orbax: state, config, data-iterator state)
+and `config.json`. Running the same command again resumes from the latest readable checkpoint
+(a corrupt newest one is set aside and the one before it used). SIGTERM (preemption) lets the
+step in flight finish, saves, and exits; with several processes all stop at the step JAX's
+preemption service has them agree on. Ctrl-C saves too when it lands between steps (one process
+only). `train.nonfinite=stop` saves the last good state and exits on a NaN/Inf loss.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax import distributed
 from gigajax.config import ModelConfig
-from gigajax.data.pipeline import batch_iterator, build_datasets, eval_batches
+from gigajax.data.pipeline import batch_iterator, build_datasets, eval_batches, iterator_step
 from gigajax.distributed import BATCH_SPEC, place_batch, process_rows
+from gigajax.errors import GigajaxError
 from gigajax.mesh import make_mesh, sequence_permutation
 from gigajax.sharding import Layout
 from gigajax.train.checkpoint import Checkpointer
@@ -106,6 +109,13 @@ def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
     return float(sum(s for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0))
 
 
+class NonFiniteStop(GigajaxError):
+    """train.nonfinite=stop: a step had a non-finite loss or gradient norm; the last good state
+    was saved (exit code 3)."""
+
+    exit_code = 3
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True
           ) -> dict[str, Any]:
     """Train (or resume) per `cfg` in `workdir`; returns a summary of the last logged metrics."""
@@ -120,39 +130,51 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
         training = build_training(cfg, mesh)
         rows = process_rows(mesh, batch_size)  # this process reads only its own rows
         perm = sequence_permutation(mesh, cfg.data.seq_len, cfg.attention.layout)
-        tokenizer, train_ds, val_tokens = build_datasets(cfg.data, t.seed, rows, perm)
+        ids, train_ds, val_data = build_datasets(cfg.data, t.seed, rows, perm)
+        data_iter = batch_iterator(train_ds)  # its state is saved with every checkpoint
+        notes: list[str] = []  # checkpoint messages, printed once the logger exists
         checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint.max_to_keep,
-                                    cfg.checkpoint.async_save)
-        if (latest := checkpointer.latest_step()) is not None:  # restore straight into place
-            state, _ = checkpointer.restore(latest, training.state.abstract)
-        else:
-            state = training.state.init()
+                                    cfg.checkpoint.keep_every, cfg.checkpoint.async_save,
+                                    log=notes.append)
+        restored = checkpointer.restore_latest(training.state.abstract, data_iter)
+        state = restored[0] if restored else training.state.init()
         start = int(state["step"])
+        if (position := iterator_step(data_iter)) != start:  # no data state in the checkpoint
+            notes.append(f"the data iterator is at batch {position}, the state at step {start}: "
+                         f"reading from batch {start} (batches are indexed by step)")
+            data_iter = batch_iterator(train_ds, start)
         val = [place_batch(b, mesh, batch_size) for b in eval_batches(
-            val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
-            num_batches=t.eval_batches, eos_id=tokenizer.eos_id, rows=rows, sequence_perm=perm)]
+            val_data, seq_len=cfg.data.seq_len, batch_size=batch_size,
+            num_batches=t.eval_batches, eos_id=ids.eos_id, rows=rows, sequence_perm=perm)]
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         model_flops = flops_per_token(ModelConfig.from_config(cfg), cfg.data.seq_len)
         logger = MetricsLogger(workdir, start, t.steps, t.log_every, batch_size * cfg.data.seq_len,
                                progress=progress and main, enabled=main,
                                peak_flops=peak_flops_per_device(t.peak_flops_per_device)
                                * mesh.size, flops_per_token=model_flops)
+        for note in notes:
+            logger.info(note)
         logger.info(f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} on "
                     f"{jax.device_count()} {jax.default_backend()} devices in "
                     f"{jax.process_count()} process(es); "
                     + (f"resuming at step {start}" if start else "starting at step 0"))
         meta = {"config": json.loads(cfg.to_json_best_effort())}
+
+        def save(step: int, force: bool = False) -> None:
+            checkpointer.save(step, state, {**meta, "step": step}, data_iter, force=force)
+
         multi_process = jax.process_count() > 1
         sigterm = SigtermStop(multi_process)
         try:
-            batches = batch_iterator(train_ds, start)
             for step in range(start, t.steps):
-                state, metrics = training.train_step(
-                    state, place_batch(next(batches), mesh, batch_size))
+                state, metrics = training.train_step(state, place_batch(next(data_iter), mesh,
+                                                                        batch_size))
                 done = step + 1
+                diverged = t.nonfinite == "stop" and bool(metrics["nonfinite"])  # syncs
                 preempted = sigterm.reached(done)
-                is_eval = not preempted and (done % t.eval_every == 0 or done == t.steps)
-                is_save = preempted or done % t.checkpoint_every == 0 or done == t.steps
+                stopping = preempted or diverged
+                is_eval = not stopping and (done % t.eval_every == 0 or done == t.steps)
+                is_save = stopping or done % t.checkpoint_every == 0 or done == t.steps
                 eval_loss, paused = None, 0.0
                 if is_eval or is_save:  # not training time: leave it out of tokens/s
                     jax.block_until_ready(metrics)
@@ -160,14 +182,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                     if is_eval:
                         eval_loss = evaluate(training.eval_step, state["params"], val)
                     if is_save:
-                        checkpointer.save(done, state, {**meta, "step": done}, force=preempted)
+                        save(done, force=stopping)
                     paused = time.perf_counter() - pause_start
                 logger.record(done, metrics, eval_loss, paused)
+                if diverged:
+                    raise NonFiniteStop(
+                        f"step {done} had a non-finite loss ({float(metrics['loss'])}) or "
+                        f"gradient norm ({float(metrics['grad_norm'])}); its update was dropped "
+                        f"and the last good state is saved as checkpoint {done} (train.nonfinite"
+                        "=stop). Lower optim.lr or raise optim.warmup_steps, or set "
+                        "train.nonfinite=skip, and rerun to resume after that batch.")
                 if preempted:
                     logger.info(f"SIGTERM: saved step {done}" + (
                         f" on all {jax.process_count()} processes" if multi_process else ""))
                     raise Preempted(f"step {done}")
-        except Preempted:
+        except (Preempted, NonFiniteStop):
             raise
         except KeyboardInterrupt:
             if multi_process:  # no step that all processes agree on: a save could hang
@@ -182,7 +211,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                 logger.info("interrupted mid-step: the last saved checkpoint stands")
                 raise  # the KeyboardInterrupt
             logger.info(f"interrupted: saving a checkpoint at step {done} before exiting")
-            checkpointer.save(done, state, {**meta, "step": done}, force=True)
+            save(done, force=True)
             raise
         finally:
             sigterm.restore()

@@ -1,4 +1,5 @@
-"""The train state `{step, params, opt_state}`: its layout on the mesh, built or restored in place.
+"""The train state `{step, skipped, params, opt_state}`: its layout on the mesh, built or restored
+in place. `skipped` counts the steps whose update was dropped for a non-finite loss or gradient.
 
 Shapes come from `jax.eval_shape` and shardings from the layout's rule tables, so the state is
 created (jit with `out_shardings`) or restored (Orbax into `ShapeDtypeStruct`s with shardings)
@@ -54,9 +55,10 @@ class StateBuilder:
                      n_kv_heads=cfg.model.n_kv_heads)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.shardings: TrainState = {
-            "step": replicated, "params": params,
+            "step": replicated, "skipped": replicated, "params": params,
             "opt_state": optimizer_shardings(tx, abstract_params, mesh, layout.optimizer)}
-        abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+        counter = jax.ShapeDtypeStruct((), jnp.int32)
+        abstract_state = {"step": counter, "skipped": counter, "params": abstract_params,
                           "opt_state": jax.eval_shape(tx.init, abstract_params)}
         self.abstract: TrainState = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
@@ -66,5 +68,7 @@ class StateBuilder:
         """A fresh state, each parameter and optimizer moment built in its own sharding."""
         params = init_sharded(self.create, self.shardings["params"])
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])
-        return {"step": step, "params": params, "opt_state": opt_state}
+        def counter() -> jax.Array:  # one buffer each: the train step donates both
+            return jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])
+
+        return {"step": counter(), "skipped": counter(), "params": params, "opt_state": opt_state}

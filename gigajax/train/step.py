@@ -1,9 +1,12 @@
 """Jitted training and evaluation steps: pure functions of (state, batch).
 
-The train state is a plain pytree `{"step", "params", "opt_state"}`; the model graph is fixed
-once (`nnx.split`) and merged inside the step, so `jax.jit` sees only arrays. Gradient
+The train state is a plain pytree `{"step", "skipped", "params", "opt_state"}`; the model graph
+is fixed once (`nnx.split`) and merged inside the step, so `jax.jit` sees only arrays. Gradient
 accumulation scans over microbatches of *summed* losses and divides by the total number of
 unmasked tokens once, which makes M microbatches give the same update as one batch of M x.
+A step whose loss or gradient norm is not finite keeps the old parameters and optimizer state
+(the batch is consumed, `skipped` counts it, metric `nonfinite` is 1); the loop's
+`train.nonfinite` policy decides whether training goes on.
 """
 
 from __future__ import annotations
@@ -73,11 +76,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 accumulate, zeros, split_microbatches(batch, microbatches))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": count}
+
+        def keep_if_bad(new, old):
+            return jnp.where(finite, new, old)
+
+        new_state = {
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+            "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
+            "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"])}
+        metrics = {"loss": nll_sum / count, "grad_norm": grad_norm,
+                   "lr": schedule(state["step"]), "tokens": count,
+                   "nonfinite": (~finite).astype(jnp.int32), "skipped": new_state["skipped"]}
         return new_state, metrics
 
     return train_step

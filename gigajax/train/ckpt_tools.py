@@ -1,0 +1,167 @@
+"""Offline checkpoint tools: average the parameters of several steps, export params for inference.
+
+Both read only the `params` subtree of `<workdir>/checkpoints/<step>/state` (Orbax partial restore
+into host numpy arrays, structure from the checkpoint's own metadata): no model config, no mesh,
+no optimizer state in memory. Both write a *params checkpoint*: a directory with an Orbax item
+`params` (a plain nested dict of arrays, the `nnx.to_pure_dict` layout, so
+`nnx.replace_by_pure_dict(abstract_state, params)` loads it into a model), an item `meta` (JSON:
+run config, source steps, dtype, parameter count) and `checksums.json`. `load_params` reads one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gigajax.errors import GigajaxError
+from gigajax.train.checkpoint import (
+    CorruptCheckpoint,
+    shape_mismatch,
+    tree_shapes,
+    verify_checksums,
+    write_checksums,
+)
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+FORMAT = "gigajax-params-v1"
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The steps saved under `<workdir>/checkpoints/`, oldest first."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise GigajaxError(f"{directory} does not exist: is {workdir} a training workdir?")
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def step_directory(workdir: str | Path, step: int) -> Path:
+    """`<workdir>/checkpoints/<step>`, checked against its checksums."""
+    if step not in (steps := checkpoint_steps(workdir)):
+        raise GigajaxError(f"no checkpoint of step {step} in {workdir}/checkpoints; available: "
+                           + (", ".join(map(str, steps)) or "none"))
+    directory = Path(workdir).absolute() / "checkpoints" / str(step)
+    if reason := verify_checksums(directory):
+        raise CorruptCheckpoint(f"checkpoint {step} in {workdir} is corrupt: {reason}")
+    return directory
+
+
+def _metadata(item: Path) -> Any:
+    try:
+        return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    except Exception as error:  # noqa: BLE001  (Orbax raises whatever the reader raised)
+        raise CorruptCheckpoint(f"{item} has no readable Orbax metadata: {error}") from error
+
+
+def _restore_numpy(item: Path, key: str | None = None) -> Any:
+    """An Orbax pytree item (or its subtree `key` only) as host numpy arrays."""
+    tree = _metadata(item)
+    if key is not None:
+        if key not in tree:
+            raise GigajaxError(f"{item} has no {key!r} subtree (it holds {sorted(tree)})")
+        tree = {key: tree[key]}
+    restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=jax.tree.map(lambda _: 0, tree), partial_restore=key is not None,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+    return restored[key] if key is not None else restored
+
+
+def pure_dict(tree: Any) -> Any:
+    """nnx Variables come out of Orbax as `{'value': array}`: keep the array (nnx.to_pure_dict)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: pure_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _read_json(item: Path) -> dict:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item)
+
+
+def train_params(directory: Path) -> tuple[dict, dict]:
+    """(params as a pure dict of numpy arrays, meta) of a training checkpoint's step directory."""
+    return pure_dict(_restore_numpy(directory / "state", "params")), _read_json(directory / "meta")
+
+
+def count(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def save_params(out: str | Path, params: Any, meta: dict) -> dict:
+    """Write a params checkpoint to the new directory `out`; returns what was written."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise GigajaxError(f"--out {out} already exists: choose a new directory.")
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    write_checksums(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"path": str(out), "num_params": count(params), "dtype": meta.get("dtype"),
+            "megabytes": size / 2**20}
+
+
+def load_params(directory: str | Path) -> tuple[dict, dict]:
+    """(params, meta) of a params checkpoint written by `export` or `average`, as numpy."""
+    directory = Path(directory).absolute()
+    if reason := verify_checksums(directory):
+        raise CorruptCheckpoint(f"params checkpoint {directory} is corrupt: {reason}")
+    return _restore_numpy(directory / "params"), _read_json(directory / "meta")
+
+
+def _meta(source: dict, steps: list[int], dtype: str, params: Any, how: str) -> dict:
+    return {"format": FORMAT, "config": source.get("config"), "source_steps": steps,
+            "made_by": how, "dtype": dtype, "num_params": count(params)}
+
+
+def export(workdir: str | Path, out: str | Path, step: int | None = None,
+           dtype: str = "float32") -> dict:
+    """The params of `step` (default: the latest) cast to `dtype`, as a params checkpoint."""
+    start = time.perf_counter()
+    if step is None:
+        if not (steps := checkpoint_steps(workdir)):
+            raise GigajaxError(f"{workdir}/checkpoints holds no checkpoint to export.")
+        step = steps[-1]
+    params, meta = train_params(step_directory(workdir, step))
+    params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+    return _report(save_params(out, params, _meta(meta, [step], dtype, params, "export")), start)
+
+
+def average(workdir: str | Path, steps: list[int], out: str | Path,
+            dtype: str = "float32") -> dict:
+    """The element-wise mean of the params of `steps` (fp32 sum, one checkpoint in memory at a
+    time besides the sum), cast to `dtype`, as a params checkpoint."""
+    start = time.perf_counter()
+    if len(steps) < 2:
+        raise GigajaxError(f"averaging needs at least 2 steps, got {steps}.")
+    if len(set(steps)) != len(steps):
+        raise GigajaxError(f"--steps {steps} names a step twice.")
+    # every step exists and passes its checksums before any work
+    directories = [step_directory(workdir, step) for step in steps]
+    total, first_meta = None, None
+    for step, directory in zip(steps, directories, strict=True):
+        params, meta = train_params(directory)
+        if total is None:
+            total, first_meta = jax.tree.map(lambda x: x.astype(np.float32), params), meta
+            continue
+        if problem := shape_mismatch(tree_shapes(params), tree_shapes(total),
+                                     what=f"checkpoint {step}"):
+            raise GigajaxError(f"checkpoint {step} does not match checkpoint {steps[0]}: "
+                               f"{problem}.")
+        total = jax.tree.map(lambda s, x: np.add(s, x, out=s, dtype=np.float32), total, params)
+        del params
+    mean = jax.tree.map(lambda s: (s / np.float32(len(steps))).astype(DTYPES[dtype]), total)
+    return _report(save_params(out, mean, _meta(first_meta, steps, dtype, mean, "average")),
+                   start)
+
+
+def _report(written: dict, start: float) -> dict:
+    written["seconds"] = time.perf_counter() - start
+    print(f"wrote {written['path']}: {written['num_params'] / 1e6:.2f}M parameters "
+          f"({written['dtype']}), {written['megabytes']:.1f} MB, {written['seconds']:.1f} s")
+    return written
