@@ -14,7 +14,8 @@ SMALL = ["--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.mo
          "--config.data.seq_len=64", "--config.data.batch_size=8",
          "--config.attention.block_q=32", "--config.attention.block_kv=32",
          "--config.train.log_every=2", "--config.train.eval_every=4",
-         "--config.train.eval_batches=2", "--config.train.checkpoint_every=4"]
+         "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
+         "--config.optim.warmup_steps=2", "--config.mesh.data=-1"]
 
 
 @pytest.fixture(scope="module")

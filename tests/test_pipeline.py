@@ -33,7 +33,7 @@ def write_prepared(directory: Path, docs: list[list[int]], masks: list[list[int]
             elif masks is not None:
                 mask = np.ones_like(tokens)
             shards.append(store.write_shard(directory, store.shard_name(split, k), tokens, ends,
-                                            mask, TOK.vocab_size))
+                                            mask, vocab_size=TOK.vocab_size))
         splits[split] = {"shards": shards, "num_docs": len(split_docs),
                          "num_tokens": sum(s["num_tokens"] for s in shards)}
     tokenizer = {"spec": "byte", "fingerprint": TOK.fingerprint(), "vocab_size": TOK.vocab_size,

@@ -223,7 +223,7 @@ class _SplitWriter:
             name = store.shard_name(self.split, len(self.shards))
             self.shards.append(store.write_shard(
                 self.out, name, tokens[first_tok:cut], ends[first_doc:k] - first_tok,
-                None if mask is None else mask[first_tok:cut], self.vocab_size))
+                None if mask is None else mask[first_tok:cut], vocab_size=self.vocab_size))
             self.max_id = max(self.max_id, int(tokens[first_tok:cut].max()))
             first_doc, first_tok = k, cut
         self.parts, self.buffered = [], len(tokens) - first_tok
@@ -422,3 +422,7 @@ def _summary(echo: Callable[[str], None], out: Path, manifest: dict[str, Any],
     if manifest["splits"]["train"]["num_tokens"] == 0:
         echo("  warning: the train split is empty (every document hashed into validation); "
              "lower --val-fraction.")
+    if manifest["splits"]["validation"]["num_tokens"] == 0:
+        echo(f"  warning: the validation split is empty (no document hashed into it at "
+             f"--val-fraction {manifest['options']['val_fraction']}); training evaluates on it, "
+             "so raise --val-fraction (or add documents).")

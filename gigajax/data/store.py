@@ -55,16 +55,24 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself reaches the disk before the next file (the manifest comes last)
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return hashlib.sha256(data).hexdigest()
 
 
 def write_shard(out_dir: str | Path, name: str, tokens: np.ndarray, doc_ends: np.ndarray,
-                mask: np.ndarray | None = None, vocab_size: int = 2**16) -> dict[str, Any]:
+                mask: np.ndarray | None = None, *, vocab_size: int) -> dict[str, Any]:
     """Write one shard (`name`.tokens/.docs[/.mask]) atomically; returns its manifest record.
 
-    tokens: [N] ids; doc_ends: [D] increasing exclusive ends, the last == N; mask: [N] 0/1.
+    tokens: [N] ids < vocab_size; doc_ends: [D] increasing exclusive ends, the last == N;
+    mask: [N] 0/1.
     """
     out_dir = Path(out_dir)
+    if len(tokens) and (np.min(tokens) < 0 or np.max(tokens) >= vocab_size):
+        raise ValueError(f"shard {name}: token ids must lie in [0, {vocab_size})")
     tokens = np.ascontiguousarray(tokens, dtype=token_dtype(vocab_size))
     doc_ends = np.ascontiguousarray(doc_ends, dtype=DOC_DTYPE)
     if len(doc_ends) and (doc_ends[-1] != len(tokens) or np.any(np.diff(doc_ends) <= 0)):
