@@ -160,6 +160,15 @@ def test_fim_in_the_dataset_is_a_function_of_seed_and_sample(tmp_path):
                                                    batch_size=4), seed=0)
     for step in range(5):
         np.testing.assert_array_equal(a[step]["inputs"], b[step]["inputs"])
+    # another seed gives other rewrites of the same windows (FIM draws from (seed, sample))
+    other = pipeline.make_dataset([pipeline.TokenSource(store.open_split(
+        tmp_path / "code", "train").tokens)], seq_len=16, batch_size=4, seed=0, shuffle=False,
+        fim=pipeline.FimSpec(0.5, FIM.prefix_id, FIM.middle_id, FIM.suffix_id))
+    unshuffled_seed1 = pipeline.make_dataset([pipeline.TokenSource(store.open_split(
+        tmp_path / "code", "train").tokens)], seq_len=16, batch_size=4, seed=1, shuffle=False,
+        fim=pipeline.FimSpec(0.5, FIM.prefix_id, FIM.middle_id, FIM.suffix_id))
+    assert any(not np.array_equal(other[s]["inputs"], unshuffled_seed1[s]["inputs"])
+               for s in range(5))
     sentinels = sum(int((a[s]["inputs"] == FIM.prefix_id).sum()) for s in range(20))
     assert sentinels > 0
     assert all(not (plain[s]["inputs"] >= 259).any() for s in range(20))
@@ -232,9 +241,12 @@ def test_truncated_shard_is_a_data_error_not_a_crash_in_a_step(tmp_path):
 def test_model_vocab_smaller_than_the_data_is_a_config_error(tmp_path):
     from gigajax.config import load_config
 
-    write_prepared(tmp_path / "d", [[1, 2, 299]])  # an id beyond model.vocab_size=280
+    write_prepared(tmp_path / "d", [[1, 2, 3]])
+    manifest = store.read_manifest(tmp_path / "d")  # as if prepared with a 512-id tokenizer
+    manifest["tokenizer"]["vocab_size"] = 512
+    store.write_manifest(tmp_path / "d", manifest)
     root = Path(__file__).resolve().parents[1]
-    with pytest.raises(ConfigError, match=r"model\.vocab_size.*299"):
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=280.*512 ids"):
         load_config(root / "configs" / "tiny.py", [
             "--config.data.source=prepared", f"--config.data.path={tmp_path / 'd'}",
             "--config.model.vocab_size=280", "--config.data.seq_len=2",

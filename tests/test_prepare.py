@@ -148,6 +148,20 @@ def test_changing_an_input_rebuilds(tmp_path):
     assert documents(tmp_path / "out", "train") == ["one", "two"]
 
 
+def test_a_failed_rebuild_leaves_the_previous_dataset_whole(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    run(tmp_path, [path], val_fraction=0)
+    write_jsonl(path, [{"text": "one"}, "{not json"])  # changed input, bad line: rebuild fails
+    with pytest.raises(DataError, match="a.jsonl:2"):
+        run(tmp_path, [path], val_fraction=0)
+    assert documents(tmp_path / "out", "train") == ["one", "two"]  # the old dataset is intact
+    write_jsonl(path, [{"text": "three"}])
+    run(tmp_path, [path], val_fraction=0)  # the next good run replaces it (no staging left)
+    assert documents(tmp_path / "out", "train") == ["three"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json", "train-00000.docs", "train-00000.tokens"]
+
+
 def test_truncated_shard_is_detected_and_rebuilt_on_rerun(tmp_path, corpus):
     inputs, want = corpus
     run(tmp_path, inputs, val_fraction=0.3)

@@ -70,10 +70,10 @@ def final_state(workdir: Path, step: int, *overrides: str):
 
 @pytest.mark.slow
 def test_kill_9_at_three_steps_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
-    """SIGKILL after step 5 (mid-interval), after step 8 (while checkpoint 8 is being written
-    asynchronously) and after step 11; each time rerun. The final parameters and optimizer state
-    are bitwise those of a run never interrupted, and every step saw the same batch (its loss is
-    bitwise the same)."""
+    """SIGKILL after step 5 (mid-interval), after step 8 (just after checkpoint 8's asynchronous
+    save started; it may or may not be complete) and after step 11; each time rerun. The final
+    parameters and optimizer state are bitwise those of a run never interrupted, and every step
+    saw the same batch (its loss is bitwise the same)."""
     overrides = ["--config.train.steps=12", "--config.train.checkpoint_every=4",
                  "--config.mesh.data=2"]  # the subprocesses simulate 2 CPU devices
     straight = run_train(tmp_path / "straight", None, *overrides)

@@ -142,15 +142,15 @@ def apply_fim(tokens: np.ndarray, mask: np.ndarray, fim: FimSpec, eos_id: int,
     A piece is a run of tokens between EOS tokens, so EOS positions (and with them segment ids
     and positions) do not move. Three tokens are dropped from the end of a rewritten piece to
     make room for the sentinels, so the window keeps its length; pieces shorter than 5 tokens
-    stay as they are. Rewritten pieces are trained on in full (mask 1).
+    stay as they are. Rewritten pieces are trained on in full (mask 1). A document that crosses
+    a window edge is a piece in each window, rewritten (or not) independently.
     """
     tokens, mask = tokens.copy(), mask.copy()
     bounds = np.flatnonzero(tokens == eos_id)
     starts = np.concatenate([[0], bounds + 1])
     ends = np.concatenate([bounds, [len(tokens)]])
     for lo, hi in zip(starts, ends, strict=True):
-        draw = rng.random()  # one draw per piece, taken or not, so later pieces do not shift
-        if hi - lo < 5 or draw >= fim.rate:
+        if hi - lo < 5 or rng.random() >= fim.rate:
             continue
         body = tokens[lo:hi - 3]
         i, j = np.sort(rng.integers(0, len(body) + 1, size=2))
@@ -186,13 +186,15 @@ def make_dataset(
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
     sources = [TokenSource(tokens)] if isinstance(tokens, np.ndarray) else list(tokens)
     parts = []
+    needed = batch_size if len(sources) == 1 else 1  # a mixture draws on each source by weight
     for i, source in enumerate(sources):
         n = num_windows(len(source.tokens), seq_len)
-        if n < batch_size:
+        if n < needed:
             raise DataError(
                 f"{len(source.tokens)} tokens{f' in {source.name}' if source.name else ''} give "
-                f"{n} windows of data.seq_len={seq_len}+1 tokens, fewer than one batch of "
-                f"data.batch_size={batch_size}. Lower data.seq_len or data.batch_size, or "
+                f"{n} windows of data.seq_len={seq_len}+1 tokens, fewer than {needed} (one "
+                f"batch of data.batch_size={batch_size}, or one window per mixture source). "
+                "Lower data.seq_len or data.batch_size, or "
                 "read more text (raise data.max_bytes, 0 = no cap; or prepare more data).")
         ds = grain.MapDataset.source(WindowSource(source, seq_len))
         if shuffle:  # a fresh permutation every epoch

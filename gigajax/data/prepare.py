@@ -9,7 +9,9 @@ shards). So the output depends on the inputs and options only, never on --worker
 
 The manifest is written last and carries a fingerprint of (inputs' paths, sizes, mtimes;
 tokenizer; options): a re-run whose fingerprint matches and whose shards have their sizes does
-nothing. A rebuild deletes the old manifest first, then the old shards.
+nothing. A rebuild writes into `.staging/` and replaces the old dataset only once it is complete
+(old manifest deleted, old shards deleted, new shards moved in, new manifest written), so a
+rebuild that fails leaves the previous dataset as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import time
 import zlib
 from collections import Counter
@@ -44,6 +47,7 @@ COUNT_KEYS = ("files", "empty_files", "records", "documents_read", "documents_wr
               "utf8_replaced_documents", "tokens")
 _OURS = re.compile(rf"^(?:(?:{'|'.join(store.SPLITS)})-\d{{5}}\.(?:tokens|docs|mask)|"
                    rf"{re.escape(store.MANIFEST)})(?:\.tmp)?$")
+STAGING = ".staging"  # a rebuild writes here; the old dataset stays whole until it succeeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +263,8 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
         manifest = store.read_manifest(out)
     except DataError:
         manifest = None
-    foreign = sorted(name for name in os.listdir(out) if not _OURS.match(name))
+    foreign = sorted(name for name in os.listdir(out)
+                     if not _OURS.match(name) and name != STAGING)
     if foreign and manifest is None:
         raise DataError(f"--out {out} holds files that `data prepare` did not write ("
                         f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose "
@@ -285,12 +290,19 @@ def _up_to_date(out: Path, manifest: dict[str, Any] | None, fingerprint: str) ->
     return True
 
 
-def _remove(out: Path, tmp_only: bool) -> None:
-    """Delete our files in `out` (only *.tmp leftovers, or everything: manifest first)."""
-    if not tmp_only:
-        (out / store.MANIFEST).unlink(missing_ok=True)
+def _remove_leftovers(out: Path) -> None:
+    """Delete what an interrupted run left: *.tmp files and an unfinished staging directory."""
+    shutil.rmtree(out / STAGING, ignore_errors=True)
     for name in sorted(os.listdir(out)):
-        if _OURS.match(name) and (name.endswith(".tmp") or not tmp_only):
+        if _OURS.match(name) and name.endswith(".tmp"):
+            (out / name).unlink()
+
+
+def _remove_dataset(out: Path) -> None:
+    """Delete the manifest first (so nothing trusts the shards), then the shards."""
+    (out / store.MANIFEST).unlink(missing_ok=True)
+    for name in sorted(os.listdir(out)):
+        if _OURS.match(name):
             (out / name).unlink()
 
 
@@ -371,16 +383,16 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
          "tokenizer": tok_record["fingerprint"], "options": dataclasses.asdict(opts)},
         sort_keys=True).encode()).hexdigest()
     if out.is_dir():
-        _remove(out, tmp_only=True)
+        _remove_leftovers(out)
     if _up_to_date(out, old, fingerprint):
         echo(f"{out} is up to date ({len(files)} input files unchanged); nothing to do.")
         return old
     units = [u for i, f in enumerate(files)
              for u in readers.plan_units(i, f, CHUNK_BYTES, opts.field, opts.sft)]
-    out.mkdir(parents=True, exist_ok=True)
-    _remove(out, tmp_only=False)
+    staging = out / STAGING
+    staging.mkdir(parents=True)
     start = time.perf_counter()
-    writers = {s: _SplitWriter(out, s, opts, tok.vocab_size) for s in store.SPLITS}
+    writers = {s: _SplitWriter(staging, s, opts, tok.vocab_size) for s in store.SPLITS}
     counts = _tokenize_all(files, units, opts, tok, workers or max(1, min(_cpus(), len(units))),
                            writers, progress)
     if counts["documents_written"] == 0:
@@ -401,6 +413,10 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
         "options": dataclasses.asdict(opts),
         "fingerprint": fingerprint,
     }
+    _remove_dataset(out)  # only now that the new one is complete
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+    staging.rmdir()
     store.write_manifest(out, manifest)
     _summary(echo, out, manifest, time.perf_counter() - start)
     return store.read_manifest(out)

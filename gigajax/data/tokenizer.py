@@ -27,9 +27,9 @@ SPECIAL_NAMES = {
     "bos": ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>"),
     "eos": ("<|eos|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]"),
     "pad": ("<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>"),
-    "fim_prefix": ("<|fim_prefix|>", "<fim_prefix>", "<|fim_begin|>", "<PRE>", "▁<PRE>"),
-    "fim_middle": ("<|fim_middle|>", "<fim_middle>", "<|fim_hole|>", "<MID>", "▁<MID>"),
-    "fim_suffix": ("<|fim_suffix|>", "<fim_suffix>", "<|fim_end|>", "<SUF>", "▁<SUF>"),
+    "fim_prefix": ("<|fim_prefix|>", "<fim_prefix>", "<PRE>", "▁<PRE>"),
+    "fim_middle": ("<|fim_middle|>", "<fim_middle>", "<MID>", "▁<MID>"),
+    "fim_suffix": ("<|fim_suffix|>", "<fim_suffix>", "<SUF>", "▁<SUF>"),
 }
 
 

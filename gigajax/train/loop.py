@@ -154,6 +154,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                                * mesh.size, flops_per_token=model_flops)
         for note in notes:
             logger.info(note)
+        checkpointer.log = logger.info  # messages of later (background) saves
         logger.info(f"{n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} on "
                     f"{jax.device_count()} {jax.default_backend()} devices in "
                     f"{jax.process_count()} process(es); "

@@ -6,7 +6,8 @@ accumulation scans over microbatches of *summed* losses and divides by the total
 unmasked tokens once, which makes M microbatches give the same update as one batch of M x.
 A step whose loss or gradient norm is not finite keeps the old parameters and optimizer state
 (the batch is consumed, `skipped` counts it, metric `nonfinite` is 1); the loop's
-`train.nonfinite` policy decides whether training goes on.
+`train.nonfinite` policy decides whether training goes on. The optimizer's own counter, which
+drives the LR schedule, counts applied updates, so its LR is schedule(step - skipped).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
             "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"])}
         metrics = {"loss": nll_sum / count, "grad_norm": grad_norm,
-                   "lr": schedule(state["step"]), "tokens": count,
+                   "lr": schedule(state["step"] - state["skipped"]), "tokens": count,
                    "nonfinite": (~finite).astype(jnp.int32), "skipped": new_state["skipped"]}
         return new_state, metrics
 
