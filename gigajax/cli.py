@@ -5,7 +5,8 @@
 `gigajax data train-tokenizer|prepare ...` and `gigajax ckpt average|export ...` are registered
 by `gigajax/data/commands.py` and `gigajax/train/ckpt_commands.py`.
 
-User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2.
+User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2
+(3 when `train.nonfinite=stop` stopped a run).
 """
 
 from __future__ import annotations

@@ -315,12 +315,17 @@ def _read_jsonl(unit: Unit, field: str, sft: bool, bad_utf8: str, bad_lines: str
             except BadEncoding:
                 raise
             except BadRecord as e:
-                if bad_lines == "error":
-                    raise BadRecord(index, e.message + " Fix the line or pass --bad-lines skip "
-                                    "to skip such lines.") from None
-                counts["skipped_malformed"] += 1
+                _skip_or_raise(e, bad_lines, counts, "line")
                 continue
             yield index, rec
+
+
+def _skip_or_raise(error: BadRecord, bad_lines: str, counts: Counter, what: str) -> None:
+    """--bad-lines error: re-raise with the fix spelled out; skip: count the record."""
+    if bad_lines == "error":
+        raise BadRecord(error.index, f"{error.message} Fix the {what} or pass --bad-lines skip "
+                        f"to skip such {what}s.") from None
+    counts["skipped_malformed"] += 1
 
 
 def _read_parquet(unit: Unit, columns: list[str], field: str, sft: bool, bad_utf8: str,
@@ -347,10 +352,7 @@ def _read_parquet(unit: Unit, columns: list[str], field: str, sft: bool, bad_utf
             except BadEncoding:
                 raise
             except BadRecord as e:
-                if bad_lines == "error":
-                    raise BadRecord(index, e.message + " Fix the row or pass --bad-lines skip to "
-                                    "skip such rows.") from None
-                counts["skipped_malformed"] += 1
+                _skip_or_raise(e, bad_lines, counts, "row")
                 continue
             yield index, rec
 
