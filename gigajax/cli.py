@@ -93,6 +93,22 @@ def _check_layouts(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if all(row["ok"] for row in rows) else 1
 
 
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    from gigajax.config import load_config
+    from gigajax.mesh import fixed_device_count
+    from gigajax.plan import format_plan, plan
+
+    cfg = load_config(args.config, overrides)
+    devices = args.devices or fixed_device_count(cfg.mesh)
+    if not devices:
+        raise GigajaxError("the mesh has a -1 axis: pass --devices N to say how many devices.")
+    result = plan(cfg, devices)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gigajax", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
                             'tensor=4,megatron_sp=1"')
     check.add_argument("--steps", type=int, default=3, help="optimizer steps per layout")
     check.add_argument("--output", help="also write the rows as JSON here")
+    planner = commands.add_parser(
+        "plan", help="predicted per-device memory and communication of a config",
+        description="Per-device bytes of parameters, gradients, optimizer state and activations "
+                    "(Korthikanti et al. 2022, adapted), and bytes sent per step per mesh axis, "
+                    "from formulas: nothing is built or run.")
+    planner.add_argument("--config", required=True, help="config file, e.g. configs/small.py")
+    planner.add_argument("--devices", type=int, help="device count (default: the mesh's)")
+    planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    planner.set_defaults(handler=lambda args, rest: _plan(args, _split_overrides(rest)))
     train.set_defaults(handler=lambda args, rest: _train(args, _split_overrides(rest)))
     check.set_defaults(handler=lambda args, rest: _check_layouts(args, _split_overrides(rest)))
     data_commands.register(commands)

@@ -1,0 +1,268 @@
+"""Memory and communication planner: per-device bytes of a config under a layout, from formulas.
+
+Nothing is built or compiled. The train state is counted from the model's weight matrices (the
+table in `weight_matrices` mirrors `gigajax/model/`, with the same logical axis names) sharded by
+the layout's own rule tables (`sharding.make_layout`), so parameter, gradient and optimizer bytes
+are exact. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models"), adapted to this model (SwiGLU, GQA, RMSNorm, no dropout, flash
+attention; see docs/design.md, "Planner"). Communication is the bytes each device sends per
+optimizer step on each mesh axis, for ring algorithms: an all-reduce of X bytes over n devices
+sends 2(n-1)/n X, an all-gather or reduce-scatter (n-1)/n X, an all-to-all (n-1)/n X, and a
+ring step of attention one K/V block per neighbour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from gigajax.config import ModelConfig, compute_dtype
+from gigajax.mesh import AXES, mesh_shape, sequence_split
+from gigajax.sharding import Rules, check_layout, make_layout
+from gigajax.train.optim import make_optimizer
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One parameter array: shape and logical axis names, as the model creates it."""
+
+    name: str
+    shape: tuple[int, ...]
+    names: tuple[str | None, ...]
+
+
+def weight_matrices(m: ModelConfig) -> list[Weight]:
+    """Every parameter of the decoder; layer weights carry a leading `layers` axis (scan)."""
+    D, H, K, E, F, L, V = (m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim,
+                           m.n_layers, m.vocab_size)
+    layer = [
+        Weight("attention_norm", (D,), ("embed",)),
+        Weight("wq", (D, H, E), ("embed", "heads", "head_dim")),
+        Weight("wk", (D, K, E), ("embed", "kv_heads", "head_dim")),
+        Weight("wv", (D, K, E), ("embed", "kv_heads", "head_dim")),
+        Weight("wo", (H, E, D), ("heads", "head_dim", "embed")),
+        Weight("mlp_norm", (D,), ("embed",)),
+        Weight("w_gate", (D, F), ("embed", "mlp")),
+        Weight("w_up", (D, F), ("embed", "mlp")),
+        Weight("w_down", (F, D), ("mlp", "embed")),
+    ]
+    weights = [Weight("embed", (V, D), ("vocab", "embed"))]
+    weights += [Weight(w.name, (L, *w.shape), ("layers", *w.names)) for w in layer]
+    weights.append(Weight("final_norm", (D,), ("embed",)))
+    if not m.tie_embeddings:
+        weights.append(Weight("lm_head", (D, V), ("embed", "vocab")))
+    return weights
+
+
+def param_count(m: ModelConfig) -> int:
+    """Parameters of the decoder: V D (+ D V untied) + L (D (H+2K) E + H E D + 3 D F + 2 D) + D."""
+    return sum(math.prod(w.shape) for w in weight_matrices(m))
+
+
+def _axis_size(axes: str | tuple[str, ...] | None, sizes: Mapping[str, int]) -> int:
+    if axes is None:
+        return 1
+    return math.prod(sizes.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def shard_shape(shape: tuple[int, ...], names: tuple[str | None, ...], rules: Rules,
+                sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The per-device block of an array whose dims carry logical `names` under `rules`."""
+    return tuple(-(-d // _axis_size(rules.get(n) if n else None, sizes))
+                 for d, n in zip(shape, names, strict=True))
+
+
+def _bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def state_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Per-device bytes of parameters (fp32), gradients (fp32, laid out like the parameters)
+    and optimizer state (moments laid out like their parameter under the optimizer rules;
+    Adafactor's factored statistics and all counters replicated, as `sharding` places them)."""
+    m = ModelConfig.from_config(cfg)
+    layout = make_layout(m.n_kv_heads, sizes, cfg.sharding.zero_stage, cfg.sharding.megatron_sp)
+    weights = weight_matrices(m)
+    params = sum(_bytes(shard_shape(w.shape, w.names, layout.params, sizes), jnp.float32)
+                 for w in weights)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract = {w.name: jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in weights}
+    by_name = {w.name: w for w in weights}
+
+    def moment_bytes(moment: jax.ShapeDtypeStruct, weight: Weight) -> int:
+        if moment.shape == weight.shape:  # a moment: laid out like its parameter
+            return _bytes(shard_shape(moment.shape, weight.names, layout.optimizer, sizes),
+                          moment.dtype)
+        return _bytes(moment.shape, moment.dtype)  # factored statistics: replicated
+
+    sized = optax.tree_map_params(
+        tx, moment_bytes, jax.eval_shape(tx.init, abstract), by_name,
+        transform_non_params=lambda leaf: _bytes(leaf.shape, leaf.dtype),  # counters
+        is_leaf=lambda x: isinstance(x, Weight))
+    optimizer = sum(jax.tree.leaves(sized))
+    return {"params": params, "grads": params, "optimizer": optimizer}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The per-device extents one layer's activations have under a layout."""
+
+    b: int  # sequences per device per microbatch
+    s: int  # tokens per sequence held by a device (seq_len / sequence)
+    s_kv: int  # keys each query block sees at once: the whole sequence
+    h: int  # d_model
+    heads: int  # query heads per device (after tensor and Ulysses splits)
+    kv_heads: int  # KV heads per device
+    e: int  # head dim
+    f: int  # mlp width per device
+    v: int  # vocabulary per device
+    sp_t: int  # Megatron-SP divisor of the residual stream (tensor, else 1)
+    p: int  # bytes per activation element (compute dtype)
+
+
+def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Shape:
+    """Per-device activation extents of one transformer layer under `sizes`."""
+    m = ModelConfig.from_config(cfg)
+    t, n_sp = sizes.get("tensor", 1), sizes.get("sequence", 1) * sizes.get("ulysses", 1)
+    ulysses = sizes.get("ulysses", 1)
+    batch = cfg.data.batch_size // cfg.train.microbatches
+    kv_local = m.n_kv_heads // t if m.n_kv_heads % t == 0 else 1  # fewer KV heads: replicated
+    return Shape(
+        b=max(1, batch // (sizes.get("data", 1) * sizes.get("fsdp", 1))),
+        s=cfg.data.seq_len // n_sp, s_kv=cfg.data.seq_len, h=m.d_model,
+        heads=max(1, m.n_heads // t // ulysses), kv_heads=max(1, kv_local // ulysses), e=m.head_dim,
+        f=-(-m.mlp_dim // t), v=-(-m.vocab_size // t),
+        sp_t=t if cfg.sharding.megatron_sp else 1,
+        p=jnp.dtype(compute_dtype(m.dtype)).itemsize)
+
+
+def layer_activation_bytes(x: Shape, flash: bool) -> int:
+    """Bytes one layer keeps for its backward pass (no remat), per device.
+
+    Korthikanti et al. count, for a GPT layer in 2-byte activations, sbh(34 + 5as/h): per
+    token, 11h in attention (+ 5as for scores, softmax and its dropout mask), 19h in the MLP
+    (4h wide, GeLU, dropout) and 4h in two LayerNorms. Here, with no dropout, SwiGLU of width
+    F and GQA, in units of p bytes per token: the two norm inputs (2h, split by Megatron-SP),
+    the two norm outputs feeding q/k/v and the MLP (2h, likewise), q and the attention output
+    (2 x heads x e), k and v (2 x kv_heads x e), the MLP's gate, up and their product
+    (3f). Attention scores (2 a s_kv per token: probabilities kept for the backward) are not
+    stored with flash attention, which keeps the fp32 logsumexp (4 bytes per head) instead.
+    """
+    per_token = ((4 * x.h) / x.sp_t + 2 * x.heads * x.e + 2 * x.kv_heads * x.e + 3 * x.f) * x.p
+    per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv
+    return int(x.b * x.s * per_token)
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Per-device activation bytes of a train step: layers (under `model.remat`) + the head.
+
+    none: every layer's activations. full: each layer's input (p s b h / sp_t) and one layer's
+    activations being recomputed. dots / minimal: as none, less the elementwise products that
+    the policy recomputes (the SwiGLU product, the norm outputs): an estimate. The head keeps
+    the final norm input and the logits in fp32 plus their gradient (2 x 4 bytes x s b v).
+    """
+    x, m = layer_shape(cfg, sizes), cfg.model
+    flash = cfg.attention.impl in ("blockwise", "cudnn")
+    one = layer_activation_bytes(x, flash)
+    layer_input = x.b * x.s * x.h * x.p // x.sp_t
+    if m.remat == "full":
+        layers = m.n_layers * layer_input + one
+    elif m.remat in ("dots", "minimal"):
+        recomputed = x.b * x.s * (x.f + 2 * x.h / x.sp_t) * x.p
+        layers = m.n_layers * int(one - recomputed)
+    else:
+        layers = m.n_layers * one
+    head = x.b * x.s * (x.h * x.p // x.sp_t + 2 * 4 * x.v)
+    return {"layers": int(layers), "head": int(head), "per_layer": one}
+
+
+def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Bytes one device sends per optimizer step, per mesh axis (ring-algorithm volumes).
+
+    data (+ sequence): gradient all-reduce. fsdp: ZeRO-3 all-gathers the parameters for the
+    forward and again for the backward and reduce-scatters the gradients (ZeRO-1: reduce-scatter
+    gradients, all-gather updated parameters). tensor: two all-reduces (or all-gather +
+    reduce-scatter with Megatron-SP) of the layer's activations forward, two backward.
+    sequence (ring): K and V blocks go round the ring once forward, and K, V, dK, dV backward.
+    ulysses: all-to-all of q, k, v and the output forward, and of their gradients backward.
+    Full remat repeats the forward's tensor/ring/ulysses traffic once.
+    """
+    m = ModelConfig.from_config(cfg)
+    x = layer_shape(cfg, sizes)
+    state = state_bytes(cfg, sizes)
+    grads_unsharded_over_fsdp = state["grads"] * (sizes.get("fsdp", 1)
+                                                  if cfg.sharding.zero_stage == 3 else 1)
+    micro = cfg.train.microbatches
+    forward_passes = 2 if m.remat == "full" else 1
+    out: dict[str, int] = {}
+    f = sizes.get("fsdp", 1)
+    if f > 1:
+        gathers = 2 * micro if cfg.sharding.zero_stage == 3 else 1
+        out["fsdp"] = int((f - 1) / f * grads_unsharded_over_fsdp * (gathers + 1))
+    dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
+    if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
+        out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])
+    t = sizes.get("tensor", 1)
+    tokens = micro * x.b * x.s
+    if t > 1:
+        per_layer = 4 * 2 * (t - 1) / t * tokens * x.h * x.p
+        out["tensor"] = int(m.n_layers * per_layer * (forward_passes + 1) / 2)
+    ring = sizes.get("sequence", 1)
+    if ring > 1:
+        kv_block = tokens * x.kv_heads * x.e * x.p * 2  # K and V of one device's tokens
+        out["sequence"] = int(m.n_layers * (ring - 1) * kv_block * (forward_passes + 2))
+    u = sizes.get("ulysses", 1)
+    if u > 1:
+        qkvo = tokens * (2 * x.heads + 2 * x.kv_heads) * u * x.e * x.p
+        out["ulysses"] = int(m.n_layers * (u - 1) / u * qkvo * (forward_passes + 1))
+    return out
+
+
+def mesh_sizes(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, int]:
+    """The mesh axis sizes of `cfg` on `devices` (-1 resolved), with `sequence` split into its
+    ring part and its Ulysses part as `make_mesh` builds them."""
+    sizes = mesh_shape(cfg.mesh, devices)
+    ring, ulysses = sequence_split(sizes["sequence"], cfg.attention.sp_impl,
+                                   cfg.attention.ulysses_degree)
+    return {**{a: sizes[a] for a in AXES if a != "sequence"}, "sequence": ring,
+            "ulysses": ulysses}
+
+
+def plan(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, Any]:
+    """The predicted per-device memory and per-step communication of `cfg` on `devices`."""
+    check_layout(cfg, mesh_shape(cfg.mesh, devices))  # a ConfigError naming what does not split
+    sizes = mesh_sizes(cfg, devices)
+    state = state_bytes(cfg, sizes)
+    acts = activation_bytes(cfg, sizes)
+    total = state["params"] + state["grads"] + state["optimizer"] + acts["layers"] + acts["head"]
+    return {"mesh": sizes, "param_count": param_count(ModelConfig.from_config(cfg)),
+            "bytes": {**state, "activations": acts["layers"] + acts["head"],
+                      "activations_per_layer": acts["per_layer"]},
+            "predicted_bytes_per_device": int(total),
+            "comm_bytes_per_step": comm_bytes(cfg, sizes)}
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """A plain-text table of `plan`'s result (GiB per device; GiB sent per step per axis)."""
+    b = result["bytes"]
+    mesh = " x ".join(f"{a}={n}" for a, n in result["mesh"].items() if n > 1) or "one device"
+    rows = [("parameters (fp32)", b["params"]), ("gradients (fp32)", b["grads"]),
+            ("optimizer state", b["optimizer"]), ("activations", b["activations"]),
+            ("  of which one layer", b["activations_per_layer"]),
+            ("total per device", result["predicted_bytes_per_device"])]
+    lines = [f"{result['param_count'] / 1e9:.3f}B parameters on mesh {mesh}",
+             f"{'memory per device':<28}{'GiB':>10}"]
+    lines += [f"{name:<28}{value / GiB:>10.2f}" for name, value in rows]
+    lines.append(f"{'sent per device per step':<28}{'GiB':>10}")
+    lines += [f"{axis:<28}{value / GiB:>10.2f}"
+              for axis, value in result["comm_bytes_per_step"].items()] or ["  (none)"]
+    return "\n".join(lines)
