@@ -104,7 +104,14 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     devices = args.devices or fixed_device_count(cfg.mesh)
     if not devices:
         raise GigajaxError("the mesh has a -1 axis: pass --devices N to say how many devices.")
+    if args.compile:
+        _simulate_cpu_devices(devices)  # before anything starts JAX's backends
     result = plan(cfg, devices)
+    if args.compile:  # ahead of time on (simulated) devices: nothing runs
+        from gigajax.plan import compiled_memory
+
+        result["compiled"] = compiled_memory(cfg, devices)
+        result["compiled_bytes_per_device"] = result["compiled"]["total"]
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--config", required=True, help="config file, e.g. configs/small.py")
     planner.add_argument("--devices", type=int, help="device count (default: the mesh's)")
     planner.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    planner.add_argument("--compile", action="store_true",
+                         help="also compile the train step for the devices (simulated on CPU; "
+                              "nothing runs) and print XLA's per-device memory beside")
     planner.set_defaults(handler=lambda args, rest: _plan(args, _split_overrides(rest)))
     train.set_defaults(handler=lambda args, rest: _train(args, _split_overrides(rest)))
     check.set_defaults(handler=lambda args, rest: _check_layouts(args, _split_overrides(rest)))

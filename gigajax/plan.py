@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from gigajax.config import ModelConfig, compute_dtype
+from gigajax.errors import ConfigError
 from gigajax.mesh import AXES, mesh_shape, sequence_split
 from gigajax.sharding import Rules, check_layout, make_layout
 from gigajax.train.optim import make_optimizer
@@ -150,39 +151,67 @@ def layer_activation_bytes(x: Shape, flash: bool) -> int:
 
     Korthikanti et al. count, for a GPT layer in 2-byte activations, sbh(34 + 5as/h): per
     token, 11h in attention (+ 5as for scores, softmax and its dropout mask), 19h in the MLP
-    (4h wide, GeLU, dropout) and 4h in two LayerNorms. Here, with no dropout, SwiGLU of width
-    F and GQA, in units of p bytes per token: the two norm inputs (2h, split by Megatron-SP),
-    the two norm outputs feeding q/k/v and the MLP (2h, likewise), q and the attention output
-    (2 x heads x e), k and v (2 x kv_heads x e), the MLP's gate, up and their product
-    (3f). Attention scores (2 a s_kv per token: probabilities kept for the backward) are not
-    stored with flash attention, which keeps the fp32 logsumexp (4 bytes per head) instead.
+    (4h wide, GeLU, dropout) and 4h in two LayerNorms. This layer has no dropout, RMSNorm,
+    RoPE, GQA and SwiGLU of width F; per token, in p-byte elements, JAX's autodiff keeps
+    (`jax.ad_checkpoint.print_saved_residuals` on one block):
+      6h     two norms x (normalised input, scaled output), the residual after attention and
+             the MLP output (split by Megatron-SP with the residual stream)
+      2 a e  q after RoPE and the attention output
+      3 k e  k before and after RoPE, and v
+      6F     gate, up, the three intermediates of silu(gate) and the product
+    plus the attention's fp32 logsumexp (4 bytes per head) with flash attention, or the
+    probabilities and scores (2 a s_kv elements) without.
     """
-    per_token = ((4 * x.h) / x.sp_t + 2 * x.heads * x.e + 2 * x.kv_heads * x.e + 3 * x.f) * x.p
-    per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv
+    per_token = ((6 * x.h) / x.sp_t + 2 * x.heads * x.e + 3 * x.kv_heads * x.e + 6 * x.f) * x.p
+    per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv * x.p
     return int(x.b * x.s * per_token)
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
-    """Per-device activation bytes of a train step: layers (under `model.remat`) + the head.
+    """Per-device activation bytes of a train step: layers (under `model.remat`), the head,
+    and the backward's working set of one layer (about one layer's activations: with remat,
+    the recomputed ones; the gradients flowing through are fused away or freed at once).
 
-    none: every layer's activations. full: each layer's input (p s b h / sp_t) and one layer's
-    activations being recomputed. dots / minimal: as none, less the elementwise products that
-    the policy recomputes (the SwiGLU product, the norm outputs): an estimate. The head keeps
-    the final norm input and the logits in fp32 plus their gradient (2 x 4 bytes x s b v).
+    none: every layer's activations. full: each layer's input (p s b h / sp_t, the scan carry).
+    dots: the weight matmuls' outputs (q, k, v, the attention projection, gate, up, down: per
+    token 2h/sp_t + a e + 2 k e + 2F) and the layer input. minimal: the attention output and
+    logsumexp, and the layer input. The head keeps the final norm (2h / sp_t, p bytes) and the
+    fp32 loss over the vocabulary shard: saved are exp(logits), the one-hot select and its
+    mask (9 v bytes per token); at its peak XLA also holds the logits, the shifted logits and
+    their gradient (12 v bytes more).
     """
     x, m = layer_shape(cfg, sizes), cfg.model
     flash = cfg.attention.impl in ("blockwise", "cudnn")
     one = layer_activation_bytes(x, flash)
-    layer_input = x.b * x.s * x.h * x.p // x.sp_t
-    if m.remat == "full":
-        layers = m.n_layers * layer_input + one
-    elif m.remat in ("dots", "minimal"):
-        recomputed = x.b * x.s * (x.f + 2 * x.h / x.sp_t) * x.p
-        layers = m.n_layers * int(one - recomputed)
-    else:
-        layers = m.n_layers * one
-    head = x.b * x.s * (x.h * x.p // x.sp_t + 2 * 4 * x.v)
-    return {"layers": int(layers), "head": int(head), "per_layer": one}
+    tokens = x.b * x.s
+    layer_input = tokens * x.h * x.p // x.sp_t
+    lse = 4 * x.heads * tokens if flash else 0
+    saved = {
+        "none": one,
+        "full": layer_input,
+        "dots": layer_input + tokens * x.p * (2 * x.h / x.sp_t + x.heads * x.e
+                                              + 2 * x.kv_heads * x.e + 2 * x.f),
+        "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
+    }[m.remat]
+    working = one  # the backward of one layer (with remat: its recomputed activations)
+    head = tokens * (2 * x.h * x.p // x.sp_t + 21 * x.v)
+    return {"layers": int(m.n_layers * saved + working), "head": int(head), "per_layer": one,
+            "gathered": gathered_weight_bytes(cfg, sizes)}
+
+
+def gathered_weight_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> int:
+    """ZeRO-3 gathers each weight whole over `fsdp` where it is used: at the peak, the largest
+    gathered set (one layer's weights, or the embedding / LM head) is held in fp32 besides the
+    shards."""
+    if sizes.get("fsdp", 1) == 1 or cfg.sharding.zero_stage != 3:
+        return 0
+    m = ModelConfig.from_config(cfg)
+    unsharded = {**sizes, "fsdp": 1}  # still split over `tensor`
+    rules = make_layout(m.n_kv_heads, unsharded, 3, cfg.sharding.megatron_sp).params
+    whole = {w.name: _bytes(shard_shape(w.shape, w.names, rules, unsharded), jnp.float32)
+             for w in weight_matrices(m)}
+    layer = sum(v for k, v in whole.items() if k not in ("embed", "lm_head", "final_norm"))
+    return max(layer // m.n_layers, whole["embed"], whole.get("lm_head", 0))
 
 
 def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -243,10 +272,12 @@ def plan(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, Any]:
     sizes = mesh_sizes(cfg, devices)
     state = state_bytes(cfg, sizes)
     acts = activation_bytes(cfg, sizes)
-    total = state["params"] + state["grads"] + state["optimizer"] + acts["layers"] + acts["head"]
+    total = (state["params"] + state["grads"] + state["optimizer"] + acts["layers"] + acts["head"]
+             + acts["gathered"])
     return {"mesh": sizes, "param_count": param_count(ModelConfig.from_config(cfg)),
             "bytes": {**state, "activations": acts["layers"] + acts["head"],
-                      "activations_per_layer": acts["per_layer"]},
+                      "activations_per_layer": acts["per_layer"],
+                      "gathered_weights": acts["gathered"]},
             "predicted_bytes_per_device": int(total),
             "comm_bytes_per_step": comm_bytes(cfg, sizes)}
 
@@ -258,11 +289,53 @@ def format_plan(result: dict[str, Any]) -> str:
     rows = [("parameters (fp32)", b["params"]), ("gradients (fp32)", b["grads"]),
             ("optimizer state", b["optimizer"]), ("activations", b["activations"]),
             ("  of which one layer", b["activations_per_layer"]),
+            ("gathered weights (ZeRO-3)", b["gathered_weights"]),
             ("total per device", result["predicted_bytes_per_device"])]
     lines = [f"{result['param_count'] / 1e9:.3f}B parameters on mesh {mesh}",
              f"{'memory per device':<28}{'GiB':>10}"]
     lines += [f"{name:<28}{value / GiB:>10.2f}" for name, value in rows]
+    if "compiled" in result:
+        c = result["compiled"]
+        ratio = result["predicted_bytes_per_device"] / max(c["total"], 1)
+        lines.append(f"{'XLA compiled, per device':<28}{c['total'] / GiB:>10.2f}"
+                     f"   (predicted / compiled = {ratio:.2f}; temp {c['temp'] / GiB:.2f}, "
+                     f"arguments {c['arguments'] / GiB:.2f})")
     lines.append(f"{'sent per device per step':<28}{'GiB':>10}")
     lines += [f"{axis:<28}{value / GiB:>10.2f}"
               for axis, value in result["comm_bytes_per_step"].items()] or ["  (none)"]
     return "\n".join(lines)
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of one global training batch (for ahead-of-time lowering)."""
+    from gigajax.distributed import BATCH_SPEC
+
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    sharding = jax.sharding.NamedSharding(mesh, BATCH_SPEC)
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+              "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def compiled_memory(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, int]:
+    """XLA's per-device memory of the compiled train step on the first `devices` devices
+    (simulated CPU devices work: nothing runs). `total` = arguments + outputs + temporaries -
+    aliased (donated) bytes: the peak a device needs."""
+    from gigajax.mesh import make_mesh
+    from gigajax.train.loop import build_training
+
+    if jax.device_count() < devices:
+        raise ConfigError(f"--compile needs {devices} devices and JAX sees {jax.device_count()};"
+                          " on CPU run `gigajax plan` itself (it simulates them).")
+    mesh = make_mesh(cfg.mesh, jax.devices()[:devices], cfg.attention)
+    with jax.set_mesh(mesh):
+        training = build_training(cfg, mesh)
+        compiled = training.train_step.lower(training.state.abstract,
+                                             abstract_batch(cfg, mesh)).compile()
+    memory = compiled.memory_analysis()
+    result = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+              "temp": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
+    result["total"] = (result["arguments"] + result["outputs"] + result["temp"]
+                       - result["aliased"])
+    return result

@@ -1,0 +1,23 @@
+"""7B (LLaMA-2 shapes) trained at 1M tokens of context: the GigaChat Light scale of the seed talk.
+
+64 GPUs: FSDP over 8 and a zigzag ring over 8 (`mesh.sequence=-1`); one 1M-token sequence per
+FSDP rank (8 per step), bf16, full remat. RoPE base raised to 5e7 for the long context (as
+LWM and LLaMA-3-style long-context recipes do). Check the layout with
+`gigajax plan --config configs/llama_7b_1m.py --devices 64`.
+"""
+
+from gigajax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.update(vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                   mlp_dim=11_008, max_seq_len=1_048_576, rope_theta=5e7, dtype="bfloat16",
+                   remat="full")
+    c.attention.update(impl="blockwise", block_q=2048, block_kv=2048, sp_impl="ring",
+                       layout="zigzag")
+    c.data.update(seq_len=1_048_576, batch_size=8)
+    c.train.update(steps=1_000, eval_every=100, eval_batches=1, checkpoint_every=50)
+    c.optim.update(lr=2e-5, warmup_steps=20, b2=0.95)
+    c.mesh.update(data=1, fsdp=8, sequence=-1, tensor=1)
+    return c
