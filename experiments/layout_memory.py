@@ -27,25 +27,17 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gigajax.check_layouts import layout_config, layout_name, parse_layouts  # noqa: E402
 from gigajax.config import load_config  # noqa: E402
-from gigajax.distributed import BATCH_SPEC  # noqa: E402
 from gigajax.mesh import make_mesh  # noqa: E402
+from gigajax.plan import abstract_batch  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MB = 2**20
-
-
-def abstract_batch(cfg, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    shape, sharding = (cfg.data.batch_size, cfg.data.seq_len), NamedSharding(mesh, BATCH_SPEC)
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
-              "segment_ids": jnp.int32, "loss_mask": jnp.float32}
-    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
 
 
 def measure(cfg, layout: dict, dtype: str) -> dict:

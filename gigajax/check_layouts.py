@@ -86,10 +86,13 @@ def devices_needed(layouts: list[Layout], default: int = 8) -> int:
     return needed if len(fixed) == len(sizes) else max(needed, default)
 
 
-def layout_config(cfg: ml_collections.ConfigDict, layout: Layout) -> ml_collections.ConfigDict:
-    """`cfg` in float32 on the layout's mesh (unnamed axes 1), sharding and attention options."""
+def layout_config(cfg: ml_collections.ConfigDict, layout: Layout,
+                  dtype: str | None = "float32") -> ml_collections.ConfigDict:
+    """`cfg` on the layout's mesh (unnamed axes 1), sharding and attention options; in float32
+    for comparisons (`dtype=None` keeps the config's compute dtype)."""
     c = ml_collections.ConfigDict(cfg.to_dict())
-    c.model.dtype = "float32"
+    if dtype is not None:
+        c.model.dtype = dtype
     c.mesh.update({axis: int(layout.get(axis, 1)) for axis in AXES})
     c.sharding.update({k: v for k, v in layout.items() if k in SHARDING_KEYS})
     c.attention.update({k: v for k, v in layout.items() if k in ATTENTION_KEYS})
