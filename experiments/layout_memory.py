@@ -32,7 +32,7 @@ from rich.table import Table  # noqa: E402
 from gigajax.check_layouts import layout_config, layout_name, parse_layouts  # noqa: E402
 from gigajax.config import load_config  # noqa: E402
 from gigajax.mesh import make_mesh  # noqa: E402
-from gigajax.plan import abstract_batch  # noqa: E402
+from gigajax.plan import abstract_batch, memory_of  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 
@@ -49,17 +49,14 @@ def measure(cfg, layout: dict, dtype: str) -> dict:
         training = build_training(c, mesh)
         compiled = training.train_step.lower(training.state.abstract,
                                              abstract_batch(c, mesh)).compile()
-    memory = compiled.memory_analysis()
+    memory = memory_of(compiled)
     hlo = compiled.as_text()
     state_bytes = sum(jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape))
                       for x in jax.tree.leaves(training.state.abstract))
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     return {"layout": layout_name(layout), "mesh": dict(mesh.shape),
-            "state_mb": state_bytes / MB, "argument_mb": memory.argument_size_in_bytes / MB,
-            "temp_mb": memory.temp_size_in_bytes / MB,
-            "output_mb": memory.output_size_in_bytes / MB,
-            "alias_mb": memory.alias_size_in_bytes / MB, "total_mb": total / MB,
+            "state_mb": state_bytes / MB, "argument_mb": memory["arguments"] / MB,
+            "temp_mb": memory["temp"] / MB, "output_mb": memory["outputs"] / MB,
+            "alias_mb": memory["aliased"] / MB, "total_mb": memory["total"] / MB,
             "collectives": {op: len(re.findall(rf"= (\([^)]*\)|\S+) {op}(-start)?\(", hlo))
                             for op in COLLECTIVES},
             "compile_s": time.perf_counter() - start}

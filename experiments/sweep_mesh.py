@@ -41,7 +41,7 @@ from gigajax.data.pipeline import build_datasets  # noqa: E402
 from gigajax.distributed import place_batch  # noqa: E402
 from gigajax.errors import GigajaxError  # noqa: E402
 from gigajax.mesh import make_mesh, sequence_permutation  # noqa: E402
-from gigajax.plan import abstract_batch, plan  # noqa: E402
+from gigajax.plan import abstract_batch, memory_of, plan  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 
@@ -69,9 +69,7 @@ def run_point(cfg, layout: dict, remat: str, warmup: int, steps: int) -> dict:
         compiled = training.train_step.lower(training.state.abstract,
                                              abstract_batch(c, mesh)).compile()
         row["compile_s"] = time.perf_counter() - start
-        memory = compiled.memory_analysis()
-        row["compiled_mb"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / MB
+        row["compiled_mb"] = memory_of(compiled)["total"] / MB
         perm = sequence_permutation(mesh, c.data.seq_len, c.attention.layout)
         _, train_ds, _ = build_datasets(c.data, c.train.seed, sequence_perm=perm)
         state = training.state.init()

@@ -333,6 +333,12 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, i
         training = build_training(cfg, mesh)
         compiled = training.train_step.lower(training.state.abstract,
                                              abstract_batch(cfg, mesh)).compile()
+    return memory_of(compiled)
+
+
+def memory_of(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's per-device bytes of a compiled step; `total` = arguments + outputs + temporaries -
+    aliased (donated) bytes, the peak a device needs."""
     memory = compiled.memory_analysis()
     result = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
               "temp": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes}
