@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec
 from gigajax.config import ModelConfig
 from gigajax.model.init import residual_init, weight_init
 from gigajax.model.rope import apply_rope
-from gigajax.ops.attention import dot_product_attention
+from gigajax.ops.attention import dot_product_attention, reference_attention
 from gigajax.ops.ring import ring_attention
 from gigajax.ops.ulysses import ulysses_attention
 from gigajax.sharding import current_activation_rules, param
@@ -34,14 +34,36 @@ class Attention(nnx.Module):
         position order, which lets jax.nn/cuDNN use native causal flags. Sequence-parallel
         layouts permute the tokens, and mask by `positions_BT` instead.
         """
-        cfg, dtype = self.cfg, x_BTD.dtype
+        q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE)
+        out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT,
+                                     self.cfg)
+        return jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(x_BTD.dtype))
+
+    def _qkv(self, x_BTD, cos_BTE, sin_BTE):
+        """q, k, v of the tokens, q and k rotated by RoPE at their positions."""
+        dtype = x_BTD.dtype
         q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, self.wq[...].astype(dtype))
         k_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wk[...].astype(dtype))
         v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wv[...].astype(dtype))
-        q_BTHE = apply_rope(q_BTHE, cos_BTE, sin_BTE)
-        k_BTKE = apply_rope(k_BTKE, cos_BTE, sin_BTE)
-        out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT, cfg)
-        return jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(dtype))
+        return apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE), v_BTKE
+
+    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index):
+        """Attention of T new tokens at cache slots [index, index+T) over the cache (slot j
+        holds position j); returns (output, updated k cache, updated v cache)."""
+        q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE)
+        k_BSKE = jax.lax.dynamic_update_slice(k_BSKE, k_BTKE.astype(k_BSKE.dtype),
+                                              (0, index, 0, 0))
+        v_BSKE = jax.lax.dynamic_update_slice(v_BSKE, v_BTKE.astype(v_BSKE.dtype),
+                                              (0, index, 0, 0))
+        B, S = k_BSKE.shape[:2]
+        slots_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+        filled_BS = (slots_BS < index + x_BTD.shape[1]).astype(jnp.int32)  # 0: empty slot
+        out_BTHE, _ = reference_attention(
+            q_BTHE, k_BSKE, v_BSKE, q_positions=positions_BT, kv_positions=slots_BS,
+            q_segment_ids=jnp.ones(positions_BT.shape, jnp.int32), kv_segment_ids=filled_BS,
+            sliding_window=self.cfg.sliding_window or None)
+        out_BTD = jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(x_BTD.dtype))
+        return out_BTD, k_BSKE, v_BSKE
 
 
 def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndarray,

@@ -58,3 +58,10 @@ class Block(nnx.Module):
                                   segment_ids_BT)
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", "seq", "embed"))
+
+    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index):
+        """The block on new tokens with a KV cache (generation); returns (x, k, v)."""
+        attn_BTD, k_BSKE, v_BSKE = self.attn.decode(self.attn_norm(x_BTD), cos_BTE, sin_BTE,
+                                                    positions_BT, k_BSKE, v_BSKE, index)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BSKE, v_BSKE

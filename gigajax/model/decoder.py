@@ -43,26 +43,60 @@ class Decoder(nnx.Module):
         Positions must increase within each segment (pass segment ids when they restart at
         document starts): ring sequence parallelism masks by position.
         """
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions_BT is None:
             mesh = jax.sharding.get_abstract_mesh()
             if not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1:
                 raise ValueError("ring attention over mesh axis `sequence` permutes the tokens: "
                                  "pass positions_BT, permuted with them (the batch's positions)")
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
+        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+        return self._logits(x_BTD)
+
+    def _embed(self, tokens_BT, positions_BT):
+        """Token embeddings in the compute dtype, and RoPE's cos/sin at the positions."""
+        cfg = self.cfg
         # FSDP-gather the table first; a vocab-parallel lookup is then a masked local gather
         table_VD = constrain(self.embed[...], ("vocab", "embed"))
-        x_BTD = constrain(table_VD[tokens_BT].astype(dtype), ("batch", "seq", "embed"))
+        x_BTD = constrain(table_VD[tokens_BT].astype(jnp.dtype(cfg.dtype)),
+                          ("batch", "seq", "embed"))
         inv_freq, mscale = rope_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
-        cos_BTE, sin_BTE = rope_cos_sin(positions_BT, inv_freq, mscale)
-        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+        return (x_BTD, *rope_cos_sin(positions_BT, inv_freq, mscale))
+
+    def _logits(self, x_BTD):
+        """Final norm and LM head: float32 logits [B, T, V]."""
         x_BTD = self.final_norm(x_BTD)
-        head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(dtype),
+        head_DV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(x_BTD.dtype),
                                 preferred_element_type=jnp.float32)  # the loss is fp32
         return constrain(logits_BTV, ("batch", "inner_seq", "vocab"))
+
+    def decode(self, tokens_BT: jnp.ndarray, cache: dict[str, jnp.ndarray], index: jnp.ndarray
+               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+        """Logits of T new tokens at positions [index, index+T) given the KV cache of the
+        tokens before them; returns (logits [B, T, V], updated cache). `cache` holds `k` and
+        `v`, each [L, B, S, K, E] (`init_cache`). One device, no sequence parallelism."""
+        positions_BT = index + jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
+        graphdef, stacked_state = nnx.split(self.blocks)
+
+        def one_block(x_BTD, xs):
+            layer_state, k_BSKE, v_BSKE = xs
+            block = nnx.merge(graphdef, layer_state)
+            x_BTD, k_BSKE, v_BSKE = block.decode(x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE,
+                                                 v_BSKE, index)
+            return x_BTD, (k_BSKE, v_BSKE)
+
+        x_BTD, (k, v) = jax.lax.scan(one_block, x_BTD, (stacked_state, cache["k"], cache["v"]))
+        return self._logits(x_BTD), {"k": k, "v": v}
+
+    def init_cache(self, batch: int, max_len: int) -> dict[str, jnp.ndarray]:
+        """An empty KV cache for `max_len` positions: k and v [L, B, max_len, K, E]."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
     def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
