@@ -68,13 +68,21 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None,
     without it the sequence axis is all ring.
     """
     devices = devices if devices is not None else jax.devices()
-    sizes = mesh_shape(mesh_cfg, len(devices))
+    sizes = mesh_axis_sizes(mesh_cfg, len(devices), attention_cfg)
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_axis_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int,
+                    attention_cfg: ml_collections.ConfigDict | None = None) -> dict[str, int]:
+    """The size of each of MESH_AXES (in order) for `num_devices`: -1 resolved, and `sequence`
+    split into its ring and Ulysses parts per `attention_cfg` (all ring without it)."""
+    sizes = mesh_shape(mesh_cfg, num_devices)
     sp_impl, degree = ("ring", 1) if attention_cfg is None else (
         attention_cfg.sp_impl, attention_cfg.ulysses_degree)
     ring, ulysses = sequence_split(sizes["sequence"], sp_impl, degree)
-    shape = (sizes["data"], sizes["fsdp"], ring, ulysses, sizes["tensor"])
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return {"data": sizes["data"], "fsdp": sizes["fsdp"], "sequence": ring, "ulysses": ulysses,
+            "tensor": sizes["tensor"]}
 
 
 def sequence_size(mesh_sizes: dict[str, int]) -> int:

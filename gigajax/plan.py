@@ -25,8 +25,8 @@ import optax
 
 from gigajax.config import ModelConfig, compute_dtype
 from gigajax.errors import ConfigError
-from gigajax.mesh import AXES, mesh_shape, sequence_split
-from gigajax.sharding import Rules, check_layout, make_layout
+from gigajax.mesh import mesh_axis_sizes, mesh_shape
+from gigajax.sharding import Rules, axes_size, check_layout, make_layout
 from gigajax.train.optim import make_optimizer
 
 GiB = 2**30
@@ -69,16 +69,10 @@ def param_count(m: ModelConfig) -> int:
     return sum(math.prod(w.shape) for w in weight_matrices(m))
 
 
-def _axis_size(axes: str | tuple[str, ...] | None, sizes: Mapping[str, int]) -> int:
-    if axes is None:
-        return 1
-    return math.prod(sizes.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
-
-
 def shard_shape(shape: tuple[int, ...], names: tuple[str | None, ...], rules: Rules,
                 sizes: Mapping[str, int]) -> tuple[int, ...]:
     """The per-device block of an array whose dims carry logical `names` under `rules`."""
-    return tuple(-(-d // _axis_size(rules.get(n) if n else None, sizes))
+    return tuple(-(-d // axes_size(sizes, rules.get(n) if n else None))
                  for d, n in zip(shape, names, strict=True))
 
 
@@ -256,20 +250,10 @@ def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict
     return out
 
 
-def mesh_sizes(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, int]:
-    """The mesh axis sizes of `cfg` on `devices` (-1 resolved), with `sequence` split into its
-    ring part and its Ulysses part as `make_mesh` builds them."""
-    sizes = mesh_shape(cfg.mesh, devices)
-    ring, ulysses = sequence_split(sizes["sequence"], cfg.attention.sp_impl,
-                                   cfg.attention.ulysses_degree)
-    return {**{a: sizes[a] for a in AXES if a != "sequence"}, "sequence": ring,
-            "ulysses": ulysses}
-
-
 def plan(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, Any]:
     """The predicted per-device memory and per-step communication of `cfg` on `devices`."""
     check_layout(cfg, mesh_shape(cfg.mesh, devices))  # a ConfigError naming what does not split
-    sizes = mesh_sizes(cfg, devices)
+    sizes = mesh_axis_sizes(cfg.mesh, devices, cfg.attention)
     state = state_bytes(cfg, sizes)
     acts = activation_bytes(cfg, sizes)
     total = (state["params"] + state["grads"] + state["optimizer"] + acts["layers"] + acts["head"]

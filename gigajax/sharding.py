@@ -154,9 +154,10 @@ def logical_to_mesh(names: tuple[str | None, ...] | PartitionSpec, rules: Rules)
     return PartitionSpec(*(rules.get(name) if name is not None else None for name in names))
 
 
-def _axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+def axes_size(sizes: Mapping[str, int], axes: str | tuple[str, ...] | None) -> int:
+    """How many devices mesh axes `axes` (a name, names, or None) span; `sizes` = mesh.shape."""
     axes = (axes,) if isinstance(axes, str) else axes or ()
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(sizes[a] for a in axes)
 
 
 def _path_name(path: tuple) -> str:
@@ -170,11 +171,11 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules) -> Any
     def sharding(path, names: PartitionSpec, leaf) -> NamedSharding:
         spec = logical_to_mesh(names, rules)
         for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=False)):
-            if size % _axes_size(mesh, axes):
+            if size % axes_size(mesh.shape, axes):
                 raise ConfigError(
                     f"parameter {_path_name(path)} {tuple(leaf.shape)} (logical {tuple(names)}): "
                     f"dim {dim} of size {size} does not split over mesh axes {axes} of size "
-                    f"{_axes_size(mesh, axes)}; change the mesh or the model size.")
+                    f"{axes_size(mesh.shape, axes)}; change the mesh or the model size.")
         return NamedSharding(mesh, spec)
 
     return jax.tree.map_with_path(sharding, logical, abstract_params,

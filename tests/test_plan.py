@@ -12,7 +12,7 @@ from gigajax import plan
 from gigajax.cli import main as gigajax
 from gigajax.config import ModelConfig, load_config
 from gigajax.errors import ConfigError
-from gigajax.mesh import make_mesh
+from gigajax.mesh import make_mesh, mesh_axis_sizes
 from gigajax.sharding import abstract_model
 from gigajax.train.loop import build_training
 
@@ -58,14 +58,15 @@ def test_state_bytes_equal_the_real_shards(overrides):
         return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
                    for x in jax.tree.leaves(tree))
 
-    predicted = plan.state_bytes(cfg, plan.mesh_sizes(cfg, 8))
+    predicted = plan.state_bytes(cfg, mesh_axis_sizes(cfg.mesh, 8, cfg.attention))
     assert predicted["params"] == per_device(abstract["params"])
     assert predicted["optimizer"] == per_device(abstract["opt_state"])
 
 
 def sized(*overrides):
     cfg = load_config(TINY, ["--config.mesh.data=1", *overrides])
-    return cfg, plan.mesh_sizes(cfg, math.prod(cfg.mesh[a] for a in cfg.mesh))
+    return cfg, mesh_axis_sizes(cfg.mesh, math.prod(cfg.mesh[a] for a in cfg.mesh),
+                                cfg.attention)
 
 
 def test_attention_scores_are_stored_only_without_flash():

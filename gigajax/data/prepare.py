@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from gigajax.data import readers, store
+from gigajax.data.stdlib_corpus import is_validation
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError, GigajaxError
 
@@ -248,8 +248,7 @@ def _is_validation(key: str, first: int, doc_index: np.ndarray, val_fraction: fl
     """[D] bool: crc32("{key}:{doc index in file}") / 2**32 < val_fraction."""
     if val_fraction == 0:
         return np.zeros(len(doc_index), bool)
-    limit = val_fraction * 2**32
-    return np.array([zlib.crc32(f"{key}:{first + int(i)}".encode()) < limit for i in doc_index],
+    return np.array([is_validation(f"{key}:{first + int(i)}", val_fraction) for i in doc_index],
                     bool)
 
 
@@ -276,16 +275,12 @@ def _up_to_date(out: Path, manifest: dict[str, Any] | None, fingerprint: str) ->
     """Same fingerprint and every listed shard file has its promised size."""
     if manifest is None or manifest.get("fingerprint") != fingerprint:
         return False
-    itemsize = np.dtype(manifest["dtype"]).itemsize
+    dtype = np.dtype(manifest["dtype"])
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            sizes = {".tokens": shard["num_tokens"] * itemsize,
-                     ".docs": shard["num_docs"] * store.DOC_DTYPE.itemsize}
-            if "mask_sha256" in shard:
-                sizes[".mask"] = shard["num_tokens"]
-            for suffix, size in sizes.items():
+            for suffix, (item, count) in store.shard_files(shard, dtype).items():
                 path = out / f"{shard['name']}{suffix}"
-                if not path.is_file() or path.stat().st_size != size:
+                if not path.is_file() or path.stat().st_size != item.itemsize * count:
                     return False
     return True
 
@@ -417,9 +412,9 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
     for path in sorted(staging.iterdir()):
         os.replace(path, out / path.name)
     staging.rmdir()
-    store.write_manifest(out, manifest)
+    manifest = store.write_manifest(out, manifest)
     _summary(echo, out, manifest, time.perf_counter() - start)
-    return store.read_manifest(out)
+    return manifest
 
 
 def _summary(echo: Callable[[str], None], out: Path, manifest: dict[str, Any],

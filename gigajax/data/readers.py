@@ -312,8 +312,6 @@ def _read_jsonl(unit: Unit, field: str, sft: bool, bad_utf8: str, bad_lines: str
                     raise BadRecord(index, f"malformed JSON ({e.msg} at column {e.colno})"
                                     f"{hint}.") from None
                 rec = _clean_record(_record(obj, field, sft, index), bad_utf8, counts, index)
-            except BadEncoding:
-                raise
             except BadRecord as e:
                 _skip_or_raise(e, bad_lines, counts, "line")
                 continue
@@ -321,7 +319,10 @@ def _read_jsonl(unit: Unit, field: str, sft: bool, bad_utf8: str, bad_lines: str
 
 
 def _skip_or_raise(error: BadRecord, bad_lines: str, counts: Counter, what: str) -> None:
-    """--bad-lines error: re-raise with the fix spelled out; skip: count the record."""
+    """--bad-lines error: re-raise with the fix spelled out; skip: count the record. Invalid
+    UTF-8 under --bad-utf8 reject is an error either way."""
+    if isinstance(error, BadEncoding):
+        raise error
     if bad_lines == "error":
         raise BadRecord(error.index, f"{error.message} Fix the {what} or pass --bad-lines skip "
                         f"to skip such {what}s.") from None
@@ -349,8 +350,6 @@ def _read_parquet(unit: Unit, columns: list[str], field: str, sft: bool, bad_utf
             try:
                 rec = _clean_record(_record(row, field, sft, index, "column"), bad_utf8, counts,
                                     index)
-            except BadEncoding:
-                raise
             except BadRecord as e:
                 _skip_or_raise(e, bad_lines, counts, "row")
                 continue

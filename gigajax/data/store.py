@@ -92,10 +92,19 @@ def write_shard(out_dir: str | Path, name: str, tokens: np.ndarray, doc_ends: np
     return record
 
 
-def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (last, after every shard it lists)."""
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write manifest.json atomically (last, after every shard it lists); returns it as written."""
     manifest = {"format": FORMAT, **manifest}
     _write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def shard_files(shard: dict[str, Any], dtype: np.dtype) -> dict[str, tuple[np.dtype, int]]:
+    """The files of a manifest's shard record: suffix -> (item dtype, item count)."""
+    files = {".tokens": (dtype, shard["num_tokens"]), ".docs": (DOC_DTYPE, shard["num_docs"])}
+    if "mask_sha256" in shard:
+        files[".mask"] = (MASK_DTYPE, shard["num_tokens"])
+    return files
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -186,14 +195,15 @@ def open_split(data_dir: str | Path, split: str) -> PreparedSplit:
     tokens, masks, num_docs = [], [], 0
     for shard in manifest["splits"][split]["shards"]:
         what = f"prepared data {data_dir}, shard {shard['name']}"
-        stem = data_dir / shard["name"]
-        tokens.append(_mapped(stem.with_suffix(".tokens"), dtype, shard["num_tokens"], what))
-        docs = _mapped(stem.with_suffix(".docs"), DOC_DTYPE, shard["num_docs"], what)
+        arrays = {suffix: _mapped(data_dir / f"{shard['name']}{suffix}", item, count, what)
+                  for suffix, (item, count) in shard_files(shard, dtype).items()}
+        tokens.append(arrays[".tokens"])
+        docs = arrays[".docs"]
         if shard["num_docs"] and int(docs[-1]) != shard["num_tokens"]:
             raise DataError(f"{what}: its document index ends at {int(docs[-1])}, not at its "
                             f"{shard['num_tokens']} tokens; prepare the data again.")
-        if "mask_sha256" in shard:
-            masks.append(_mapped(stem.with_suffix(".mask"), MASK_DTYPE, shard["num_tokens"], what))
+        if ".mask" in arrays:
+            masks.append(arrays[".mask"])
         num_docs += shard["num_docs"]
     mask = ConcatStream(masks) if masks else None
     if mask is not None and len(masks) != len(tokens):

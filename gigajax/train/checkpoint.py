@@ -132,6 +132,14 @@ def _agree(reason: str | None) -> str | None:
     return (reason or "failed on another process") if np.any(failed) else None
 
 
+def tree_metadata(item: Path) -> Any:
+    """The saved tree (shapes and dtypes) of an Orbax pytree item, read from its metadata."""
+    try:
+        return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    except Exception as error:  # noqa: BLE001  (Orbax raises whatever the reader raised)
+        raise CorruptCheckpoint(f"{item}: Orbax metadata is unreadable: {error}") from error
+
+
 class Checkpointer:
     """The train state, its metadata and the data iterator, via one `ocp.CheckpointManager`."""
 
@@ -190,18 +198,13 @@ class Checkpointer:
         reason = _agree(verify_checksums(directory) if jax.process_index() == 0 else None)
         if reason is not None:
             raise CorruptCheckpoint(reason)
-        try:
-            saved = ocp.PyTreeCheckpointer().metadata(directory / "state").item_metadata.tree
-        except Exception as error:  # noqa: BLE001  (Orbax raises whatever the reader raised)
-            raise CorruptCheckpoint(f"state metadata is unreadable: {error}") from error
+        saved = tree_metadata(directory / "state")
         if problem := shape_mismatch(tree_shapes(saved), tree_shapes(like_state)):
             raise GigajaxError(
                 f"checkpoint {step} in {self.directory} holds a different train state: {problem}."
                 " It was written with another model or optimizer config (its config is in "
                 f"{directory}/meta); resume with that config or use a new workdir.")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
-        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        items = {"state": ocp.args.StandardRestore(like_state), "meta": ocp.args.JsonRestore()}
         if data_iter is not None and (directory / "data").is_dir():
             # grain's handler keeps one file per process, named for the process count
             mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"

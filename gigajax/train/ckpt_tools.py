@@ -23,6 +23,7 @@ from gigajax.errors import GigajaxError
 from gigajax.train.checkpoint import (
     CorruptCheckpoint,
     shape_mismatch,
+    tree_metadata,
     tree_shapes,
     verify_checksums,
     write_checksums,
@@ -37,12 +38,17 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise GigajaxError(f"{directory} does not exist: is {workdir} a training workdir?")
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return sorted(ocp.utils.checkpoint_steps(directory))
 
 
-def step_directory(workdir: str | Path, step: int) -> Path:
-    """`<workdir>/checkpoints/<step>`, checked against its checksums."""
-    if step not in (steps := checkpoint_steps(workdir)):
+def step_directory(workdir: str | Path, step: int | None = None) -> Path:
+    """`<workdir>/checkpoints/<step>` (default: the latest), checked against its checksums."""
+    steps = checkpoint_steps(workdir)
+    if step is None:
+        if not steps:
+            raise GigajaxError(f"{workdir}/checkpoints holds no checkpoint.")
+        step = steps[-1]
+    if step not in steps:
         raise GigajaxError(f"no checkpoint of step {step} in {workdir}/checkpoints; available: "
                            + (", ".join(map(str, steps)) or "none"))
     directory = Path(workdir).absolute() / "checkpoints" / str(step)
@@ -51,16 +57,9 @@ def step_directory(workdir: str | Path, step: int) -> Path:
     return directory
 
 
-def _metadata(item: Path) -> Any:
-    try:
-        return ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
-    except Exception as error:  # noqa: BLE001  (Orbax raises whatever the reader raised)
-        raise CorruptCheckpoint(f"{item} has no readable Orbax metadata: {error}") from error
-
-
 def _restore_numpy(item: Path, key: str | None = None) -> Any:
     """An Orbax pytree item (or its subtree `key` only) as host numpy arrays."""
-    tree = _metadata(item)
+    tree = tree_metadata(item)
     if key is not None:
         if key not in tree:
             raise GigajaxError(f"{item} has no {key!r} subtree (it holds {sorted(tree)})")
@@ -123,13 +122,11 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
            dtype: str = "float32") -> dict:
     """The params of `step` (default: the latest) cast to `dtype`, as a params checkpoint."""
     start = time.perf_counter()
-    if step is None:
-        if not (steps := checkpoint_steps(workdir)):
-            raise GigajaxError(f"{workdir}/checkpoints holds no checkpoint to export.")
-        step = steps[-1]
-    params, meta = train_params(step_directory(workdir, step))
+    directory = step_directory(workdir, step)
+    params, meta = train_params(directory)
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
-    return _report(save_params(out, params, _meta(meta, [step], dtype, params, "export")), start)
+    steps = [int(directory.name)]
+    return _report(save_params(out, params, _meta(meta, steps, dtype, params, "export")), start)
 
 
 def average(workdir: str | Path, steps: list[int], out: str | Path,
