@@ -128,7 +128,7 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
         state = training.state.init()
         param_shardings = training.state.shardings["params"]
         loss_fn = make_loss_fn(training.state.graphdef, c.train.z_loss,
-                               training.layout.activations)
+                               training.layout.activations, c.train.loss_chunks)
 
         def mean_grads(params, batch):
             grads, (_, count) = jax.grad(loss_fn, has_aux=True)(params, batch)

@@ -104,6 +104,12 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     devices = args.devices or fixed_device_count(cfg.mesh)
     if not devices:
         raise GigajaxError("the mesh has a -1 axis: pass --devices N to say how many devices.")
+    if args.advise:
+        from gigajax.advise import advise, format_advice, parse_bytes
+
+        advice = advise(cfg, devices, parse_bytes(args.max_memory))
+        print(json.dumps(advice, indent=2) if args.json else format_advice(advice, args.top))
+        return 0
     if args.compile:
         _simulate_cpu_devices(devices)  # before anything starts JAX's backends
     result = plan(cfg, devices)
@@ -150,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     planner.add_argument("--compile", action="store_true",
                          help="also compile the train step for the devices (simulated on CPU; "
                               "nothing runs) and print XLA's per-device memory beside")
+    planner.add_argument("--advise", action="store_true",
+                         help="rank every layout of the device count by estimated step time "
+                              "among those that fit --max-memory, with the TP-vs-SP crossover")
+    planner.add_argument("--max-memory", default="80GB",
+                         help="per-device budget for --advise, e.g. 80GB, 141GB, 24GiB")
+    planner.add_argument("--top", type=int, default=10, help="rows --advise prints")
     planner.set_defaults(handler=lambda args, rest: _plan(args, _split_overrides(rest)))
     train.set_defaults(handler=lambda args, rest: _train(args, _split_overrides(rest)))
     check.set_defaults(handler=lambda args, rest: _check_layouts(args, _split_overrides(rest)))

@@ -56,11 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
     # source stdlib | prepared (`gigajax data prepare` output: data.path, or data.mixture
     # 'DIR=WEIGHT,DIR=WEIGHT'); tokenizer auto: byte for stdlib, the manifest's for prepared.
     # val_fraction, max_bytes: stdlib only. fim_rate: share of documents rewritten for FIM.
+    # source passkey: generated PassKey documents (data/synthetic.py) with a key_digits-digit
+    # key; loss answer (only the key's tokens are targets) | all (every token)
     c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
-                  batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0)
+                  batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0,
+                  passkey=dict(key_digits=5, loss="answer"))
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
                    checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0,
-                   nonfinite="skip")  # NaN/Inf loss or grad norm: skip (drop the update) | stop
+                   nonfinite="skip",  # NaN/Inf loss or grad norm: skip (drop the update) | stop
+                   loss_chunks=1)  # > 1: head + loss over that many token slices (long context)
     c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)
@@ -240,7 +244,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "model.n_kv_heads", "model.mlp_dim", "model.max_seq_len", "model.rope_theta",
               "model.norm_eps", "model.init_std", "attention.block_q", "attention.block_kv",
               "data.seq_len", "data.batch_size", "train.steps", "train.microbatches",
-              "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.loss_chunks", "train.log_every", "train.eval_every", "train.eval_batches",
               "train.checkpoint_every", "checkpoint.max_to_keep")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"it must divide model.n_heads={m.n_heads} (grouped-query attention)")
@@ -270,6 +274,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.data.max_bytes >= 0, "data.max_bytes", cfg.data.max_bytes,
              "use 0 for the whole corpus or a positive byte budget")
     _require(cfg.train.z_loss >= 0, "train.z_loss", cfg.train.z_loss, "it must be >= 0")
+    _require(cfg.data.seq_len % cfg.train.loss_chunks == 0, "train.loss_chunks",
+             cfg.train.loss_chunks, f"it must divide data.seq_len={cfg.data.seq_len}")
     _require(cfg.data.batch_size % cfg.train.microbatches == 0, "train.microbatches",
              cfg.train.microbatches, f"it must divide data.batch_size={cfg.data.batch_size}")
     for axis in AXES:

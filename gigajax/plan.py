@@ -172,7 +172,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
     logsumexp, and the layer input. The head keeps the final norm (2h / sp_t, p bytes) and the
     fp32 loss over the vocabulary shard: saved are exp(logits), the one-hot select and its
     mask (9 v bytes per token); at its peak XLA also holds the logits, the shifted logits and
-    their gradient (12 v bytes more).
+    their gradient (12 v bytes more). With `train.loss_chunks` = n the loss keeps only its
+    input and holds those 21 v bytes for one slice of tokens (1/n) at a time.
     """
     x, m = layer_shape(cfg, sizes), cfg.model
     flash = cfg.attention.impl in ("blockwise", "cudnn")
@@ -188,7 +189,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
         "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
     }[m.remat]
     working = one  # the backward of one layer (with remat: its recomputed activations)
-    head = tokens * (2 * x.h * x.p // x.sp_t + 21 * x.v)
+    head = tokens * 2 * x.h * x.p // x.sp_t + 21 * x.v * tokens // cfg.train.loss_chunks
     return {"layers": int(m.n_layers * saved + working), "head": int(head), "per_layer": one,
             "gathered": gathered_weight_bytes(cfg, sizes)}
 
@@ -208,45 +209,77 @@ def gathered_weight_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, in
     return max(layer // m.n_layers, whole["embed"], whole.get("lm_head", 0))
 
 
+BLOCK_WEIGHTS = {"attention": ("attention_norm", "wq", "wk", "wv", "wo"),
+                 "mlp": ("mlp_norm", "w_gate", "w_up", "w_down")}
+
+
+def layer_comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]
+                     ) -> dict[str, dict[str, float]]:
+    """Bytes one device sends per optimizer step for one layer, per block and mesh axis.
+
+    Activation traffic grows with the tokens a device holds: tensor sends two all-reduces (or
+    all-gather + reduce-scatter with Megatron-SP) of the block's b s h output forward and two
+    backward, the ring sends K and V round once forward and K, V, dK, dV backward, Ulysses
+    all-to-alls q, k, v and the output forward and their gradients backward (full remat repeats
+    the forward's). Weight traffic is fixed per layer: the block's gradients, all-reduced over
+    the devices holding the same shard (data, sequence), and ZeRO-3's gathers over `fsdp`.
+    """
+    m = ModelConfig.from_config(cfg)
+    x = layer_shape(cfg, sizes)
+    layout = make_layout(m.n_kv_heads, sizes, cfg.sharding.zero_stage, cfg.sharding.megatron_sp)
+    tokens = cfg.train.microbatches * x.b * x.s
+    forward_passes = 2 if m.remat == "full" else 1
+    f, t, ring, u = (sizes.get(a, 1) for a in ("fsdp", "tensor", "sequence", "ulysses"))
+    dp_like = sizes.get("data", 1) * ring * u
+    weights = {w.name: w for w in weight_matrices(m)}
+    out: dict[str, dict[str, float]] = {}
+    for block, names in BLOCK_WEIGHTS.items():
+        grads = sum(_bytes(shard_shape(weights[n].shape[1:], weights[n].names[1:],
+                                       layout.params, sizes), jnp.float32) for n in names)
+        sent: dict[str, float] = {}
+        if f > 1:
+            zero3 = cfg.sharding.zero_stage == 3
+            gathers = 2 * cfg.train.microbatches if zero3 else 1
+            sent["fsdp"] = (f - 1) / f * grads * (f if zero3 else 1) * (gathers + 1)
+        if dp_like > 1:
+            sent["data+sequence"] = 2 * (dp_like - 1) / dp_like * grads
+        if t > 1:
+            sent["tensor"] = 2 * 2 * (t - 1) / t * tokens * x.h * x.p * (forward_passes + 1) / 2
+        if block == "attention" and ring > 1:
+            kv_block = tokens * x.kv_heads * x.e * x.p * 2  # K and V of one device's tokens
+            sent["sequence"] = (ring - 1) * kv_block * (forward_passes + 2)
+        if block == "attention" and u > 1:
+            qkvo = tokens * (2 * x.heads + 2 * x.kv_heads) * u * x.e * x.p
+            sent["ulysses"] = (u - 1) / u * qkvo * (forward_passes + 1)
+        out[block] = sent
+    return out
+
+
 def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
     """Bytes one device sends per optimizer step, per mesh axis (ring-algorithm volumes).
 
     data (+ sequence): gradient all-reduce. fsdp: ZeRO-3 all-gathers the parameters for the
     forward and again for the backward and reduce-scatters the gradients (ZeRO-1: reduce-scatter
-    gradients, all-gather updated parameters). tensor: two all-reduces (or all-gather +
-    reduce-scatter with Megatron-SP) of the layer's activations forward, two backward.
-    sequence (ring): K and V blocks go round the ring once forward, and K, V, dK, dV backward.
-    ulysses: all-to-all of q, k, v and the output forward, and of their gradients backward.
-    Full remat repeats the forward's tensor/ring/ulysses traffic once.
+    gradients, all-gather updated parameters). tensor, sequence (ring) and ulysses: the
+    activation traffic of `layer_comm_bytes`, times the layers.
     """
     m = ModelConfig.from_config(cfg)
-    x = layer_shape(cfg, sizes)
     state = state_bytes(cfg, sizes)
     grads_unsharded_over_fsdp = state["grads"] * (sizes.get("fsdp", 1)
                                                   if cfg.sharding.zero_stage == 3 else 1)
-    micro = cfg.train.microbatches
-    forward_passes = 2 if m.remat == "full" else 1
     out: dict[str, int] = {}
     f = sizes.get("fsdp", 1)
     if f > 1:
-        gathers = 2 * micro if cfg.sharding.zero_stage == 3 else 1
+        gathers = 2 * cfg.train.microbatches if cfg.sharding.zero_stage == 3 else 1
         out["fsdp"] = int((f - 1) / f * grads_unsharded_over_fsdp * (gathers + 1))
     dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
     if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
         out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])
-    t = sizes.get("tensor", 1)
-    tokens = micro * x.b * x.s
-    if t > 1:
-        per_layer = 4 * 2 * (t - 1) / t * tokens * x.h * x.p
-        out["tensor"] = int(m.n_layers * per_layer * (forward_passes + 1) / 2)
-    ring = sizes.get("sequence", 1)
-    if ring > 1:
-        kv_block = tokens * x.kv_heads * x.e * x.p * 2  # K and V of one device's tokens
-        out["sequence"] = int(m.n_layers * (ring - 1) * kv_block * (forward_passes + 2))
-    u = sizes.get("ulysses", 1)
-    if u > 1:
-        qkvo = tokens * (2 * x.heads + 2 * x.kv_heads) * u * x.e * x.p
-        out["ulysses"] = int(m.n_layers * (u - 1) / u * qkvo * (forward_passes + 1))
+    per_layer = layer_comm_bytes(cfg, sizes)
+    for axis in ("tensor", "sequence", "ulysses"):
+        sent = sum(block.get(axis, 0.0) for block in per_layer.values())
+        if sent:
+            out[axis] = int(m.n_layers * sent)
     return out
 
 

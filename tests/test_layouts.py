@@ -103,6 +103,20 @@ def test_microbatches_under_a_sharded_layout_equal_one_batch(batches, reference)
     assert max_relative_difference(run.params, reference.params) <= GRAD_RTOL
 
 
+@pytest.mark.parametrize("layout", ["data=1", "sequence=8,layout=zigzag",
+                                    "fsdp=2,sequence=2,tensor=2,megatron_sp=1"])
+def test_chunked_loss_under_a_layout_equals_one_device(layout, batches, reference):
+    """The head and loss over 4 strided token slices (`train.loss_chunks`) give the same
+    losses, gradients and steps as the whole-sequence loss on one device, also when the
+    tokens are sequence-sharded (zigzag) and the logits vocabulary-sharded (tensor)."""
+    run = run_layout(tiny_test_config("--config.train.loss_chunks=4"),
+                     parse_layouts(layout)[0], batches)
+    np.testing.assert_allclose(run.losses, reference.losses, rtol=LOSS_RTOL)
+    assert max_relative_difference(run.grads, reference.grads) <= GRAD_RTOL
+    assert normwise_difference(run.grads, reference.grads) <= 1e-5
+    assert max_relative_difference(run.params, reference.params) <= GRAD_RTOL
+
+
 def test_a_checkpoint_restores_onto_another_layout(tmp_path, batches):
     """Saved under fsdp x tp (ZeRO-3), restored under dp x tp with ZeRO-1: same values, and
     each leaf lands in the new layout's sharding."""

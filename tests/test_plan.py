@@ -157,3 +157,61 @@ def test_prediction_within_15_percent_of_xla(layout):
     predicted = plan.plan(cfg, 8)["predicted_bytes_per_device"]
     compiled = plan.compiled_memory(cfg, 8)["total"]
     assert 0.85 <= predicted / compiled <= 1.15, (predicted, compiled)
+
+
+def test_advise_ranks_fitting_layouts_and_explains(capsys):
+    """Every layout that fits comes before every one that does not; each row says why."""
+    from gigajax.advise import advise
+
+    cfg = load_config(TINY, ["--config.data.seq_len=256"])
+    everything = advise(cfg, 8, 2.0**60)["layouts"]
+    budget = sorted(r["predicted_bytes_per_device"] for r in everything)[len(everything) // 2]
+    result = advise(cfg, 8, budget)
+    fits = [row["fits"] for row in result["layouts"]]
+    assert any(fits) and not all(fits)
+    assert fits == sorted(fits, reverse=True)
+    fitting = [r for r in result["layouts"] if r["fits"]]
+    assert [r["step_seconds"] for r in fitting] == sorted(r["step_seconds"] for r in fitting)
+    assert all(r["predicted_bytes_per_device"] <= budget for r in fitting)
+    assert all("fits" in r["why"] or "exceeds" in r["why"] for r in result["layouts"])
+    assert result["rejected"]  # e.g. tensor=8 does not split 4 heads: dropped, with the error
+    assert gigajax(["plan", "--config", str(TINY), "--devices", "8", "--advise",
+                    "--max-memory", "1GiB", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layouts fit" in out and "TP vs SP" in out
+    assert gigajax(["plan", "--config", str(TINY), "--advise", "--max-memory", "lots"]) == 2
+
+
+def test_tp_sp_crossover_falls_out_of_the_traffic():
+    """Tensor parallelism's traffic grows with T, the weight-gradient sync does not: SP sends
+    less above T* ~ 4 bytes x weights / (2 bytes x 2 all-reduces x D). With MHA attention's
+    weights are 4 D^2 (T* = 4 D) and a SwiGLU MLP of F = 8D/3 has 8 D^2 (T* = 8 D): the
+    MLP crosses over at twice attention's length."""
+    from gigajax.advise import tp_sp_crossover
+
+    cfg = load_config(TINY, ["--config.model.d_model=768", "--config.model.n_heads=12",
+                             "--config.model.n_kv_heads=12", "--config.model.mlp_dim=2048",
+                             "--config.model.dtype=bfloat16"])
+    cross = tp_sp_crossover(cfg, 8)
+    attention, mlp = cross["weights_attention"], cross["weights_mlp"]
+    assert attention["over_d_model"] == pytest.approx(4.0, abs=0.02)
+    assert mlp["over_d_model"] == pytest.approx(8.0, abs=0.02)
+    # Ulysses also pays its all-to-alls, which shrink with the degree: it crosses later
+    assert cross["ulysses_attention"]["seq_len"] > attention["seq_len"]
+    assert cross["ulysses_mlp"] == mlp  # the MLP block moves no tokens under Ulysses
+
+
+@pytest.mark.slow
+def test_compiled_memory_stays_linear_in_sequence_length():
+    """Mask tiles derived from positions must not be hoisted out of the layer scan (nor
+    folded as constants): then XLA's memory grows ~linearly in T, as the planner's does."""
+    def compiled(seq_len, *overrides):
+        cfg = load_config(TINY, ["--config.mesh.data=1", "--config.mesh.sequence=2",
+                                 f"--config.data.seq_len={seq_len}", "--config.data.batch_size=1",
+                                 "--config.model.remat=full", "--config.model.n_layers=2",
+                                 f"--config.model.max_seq_len={seq_len}", *overrides])
+        return plan.compiled_memory(cfg, 2)["temp"]
+
+    for overrides in ([], ["--config.attention.sp_impl=ulysses"]):
+        short, long = compiled(2048, *overrides), compiled(8192, *overrides)
+        assert long / short < 6, (overrides, short, long)  # quadratic would be ~16

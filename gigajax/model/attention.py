@@ -84,9 +84,14 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     masks = {"causal": True, "sliding_window": window, "block_q": cfg.block_q,
              "block_kv": cfg.block_kv}
 
-    def by_index(q, k, v, segment_ids):  # the whole sequence, in order, on this device
+    def by_index(q, k, v, positions, segment_ids):  # the whole sequence, in order, here
+        # the blockwise kernel masks by the batch's positions (equal to index order within a
+        # document): masks of iota positions are constants, which XLA may fold into one
+        # [T/bq, T/bk, bq, bk] array (a TiB at 1M tokens)
+        by_position = ({"q_positions": positions, "kv_positions": positions}
+                       if cfg.attention_impl == "blockwise" else {})
         return dot_product_attention(q, k, v, impl=cfg.attention_impl, q_segment_ids=segment_ids,
-                                     kv_segment_ids=segment_ids, **masks)
+                                     kv_segment_ids=segment_ids, **by_position, **masks)
 
     def ring(q, k, v, positions, segment_ids):  # this device's tokens against the ring's
         return ring_attention(q, k, v, axis_name="sequence", positions_BT=positions,
@@ -95,7 +100,7 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+        return by_index(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
     sizes = dict(mesh.shape)
     ring_size, ulysses = sizes.get("sequence", 1), sizes.get("ulysses", 1)
     rules = current_activation_rules()
@@ -104,7 +109,7 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     group = cfg.n_heads // cfg.n_kv_heads
 
     def whole_sequence(q, k, v, positions, segment_ids):  # Ulysses alone keeps token order
-        return by_index(q, k, v, segment_ids)
+        return by_index(q, k, v, positions, segment_ids)
 
     def local(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT):
         if heads is not None and kv_heads is None:  # KV replicated: take our query heads' one
@@ -117,7 +122,7 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
                                      local_attention=ring if ring_size > 1 else whole_sequence)
         if ring_size > 1:
             return ring(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
-        return by_index(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+        return by_index(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
 
     q_spec = PartitionSpec(batch, seq, heads, None)
     kv_spec = PartitionSpec(batch, seq, kv_heads, None)

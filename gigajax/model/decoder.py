@@ -43,6 +43,12 @@ class Decoder(nnx.Module):
         Positions must increase within each segment (pass segment ids when they restart at
         document starts): ring sequence parallelism masks by position.
         """
+        return self.logits(self.features(tokens_BT, positions_BT, segment_ids_BT))
+
+    def features(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
+                 segment_ids_BT: jnp.ndarray | None = None) -> jnp.ndarray:
+        """The last block's output [B, T, D] (compute dtype), before the final norm and head:
+        a chunked loss applies `logits` to a slice of tokens at a time."""
         if positions_BT is None:
             mesh = jax.sharding.get_abstract_mesh()
             if not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1:
@@ -50,8 +56,7 @@ class Decoder(nnx.Module):
                                  "pass positions_BT, permuted with them (the batch's positions)")
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
-        x_BTD = self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
-        return self._logits(x_BTD)
+        return self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
 
     def _embed(self, tokens_BT, positions_BT):
         """Token embeddings in the compute dtype, and RoPE's cos/sin at the positions."""
@@ -65,8 +70,8 @@ class Decoder(nnx.Module):
             cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
         return (x_BTD, *rope_cos_sin(positions_BT, inv_freq, mscale))
 
-    def _logits(self, x_BTD):
-        """Final norm and LM head: float32 logits [B, T, V]."""
+    def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        """Final norm and LM head of `features`: float32 logits [B, T, V]."""
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(x_BTD.dtype),
@@ -90,7 +95,7 @@ class Decoder(nnx.Module):
             return x_BTD, (k_BSKE, v_BSKE)
 
         x_BTD, (k, v) = jax.lax.scan(one_block, x_BTD, (stacked_state, cache["k"], cache["v"]))
-        return self._logits(x_BTD), {"k": k, "v": v}
+        return self.logits(x_BTD), {"k": k, "v": v}
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, jnp.ndarray]:
         """An empty KV cache for `max_len` positions: k and v [L, B, max_len, K, E]."""
@@ -102,16 +107,22 @@ class Decoder(nnx.Module):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
         graphdef, stacked_state = nnx.split(self.blocks)
 
-        def one_block(x_BTD, layer_state):
+        # positions and segment ids ride in the scan carry, unchanged: as loop-invariant
+        # constants, scan's partial evaluation would hoist every mask tile the attention
+        # kernels derive from them out of the loop and keep them all (quadratic in T).
+        def one_block(carry, layer_state):
+            x_BTD, positions_BT, segment_ids_BT = carry
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT), None
+            x_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+            return (x_BTD, positions_BT, segment_ids_BT), None
 
         if self.cfg.remat != "none":
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],
                                        prevent_cse=not self.cfg.scan_layers)
+        carry = (x_BTD, positions_BT, segment_ids_BT)
         if self.cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(one_block, x_BTD, stacked_state)
-            return x_BTD
+            carry, _ = jax.lax.scan(one_block, carry, stacked_state)
+            return carry[0]
         for i in range(self.cfg.n_layers):
-            x_BTD, _ = one_block(x_BTD, jax.tree.map(lambda a, i=i: a[i], stacked_state))
-        return x_BTD
+            carry, _ = one_block(carry, jax.tree.map(lambda a, i=i: a[i], stacked_state))
+        return carry[0]

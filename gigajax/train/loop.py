@@ -62,10 +62,10 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
     t = cfg.train
     train_step = jax.jit(
         make_train_step(state.graphdef, tx, schedule, t.microbatches, t.z_loss,
-                        layout.activations),
+                        layout.activations, t.loss_chunks),
         in_shardings=(state.shardings, batch), out_shardings=(state.shardings, replicated),
         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations),
+    eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations, t.loss_chunks),
                         in_shardings=(state.shardings["params"], batch),
                         out_shardings=replicated)
     return Training(layout, state, train_step, eval_step, schedule)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gigajax.ops.loss import cross_entropy_sums
+from gigajax.ops.loss import chunked_cross_entropy_sums
 from gigajax.sharding import DATA_PARALLEL, Rules, activation_rules
 
 Batch = dict[str, jax.Array]
@@ -28,18 +28,19 @@ TrainState = dict[str, Any]
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
-                 rules: Rules = DATA_PARALLEL.activations) -> Callable:
+                 rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1) -> Callable:
     """`loss_fn(params, batch) -> (nll_sum + z_sum, (nll_sum, token_count))`.
 
-    `rules` are the layout's activation rules, in force while the model is traced.
+    `rules` are the layout's activation rules, in force while the model is traced;
+    `loss_chunks` > 1 computes the head and loss that many slices of tokens at a time.
     """
 
     def loss_fn(params: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params)
         with activation_rules(rules):
-            logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        nll_sum, z_sum, count = cross_entropy_sums(logits_BTV, batch["targets"],
-                                                   batch["loss_mask"], z_loss)
+            x_BTD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+            nll_sum, z_sum, count = chunked_cross_entropy_sums(
+                x_BTD, model.logits, batch["targets"], batch["loss_mask"], z_loss, loss_chunks)
         return nll_sum + z_sum, (nll_sum, count)
 
     return loss_fn
@@ -58,10 +59,10 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
-                    rules: Rules = DATA_PARALLEL.activations
+                    rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a global batch, accumulating `microbatches` gradients by scan."""
-    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss, rules), has_aux=True)
+    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss, rules, loss_chunks), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
@@ -97,10 +98,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rules: Rules = DATA_PARALLEL.activations
-                   ) -> Callable[[nnx.State, Batch], tuple]:
+def make_eval_step(graphdef: nnx.GraphDef, rules: Rules = DATA_PARALLEL.activations,
+                   loss_chunks: int = 1) -> Callable[[nnx.State, Batch], tuple]:
     """`eval_step(params, batch) -> (nll_sum, token_count)`; average over batches on the host."""
-    loss_fn = make_loss_fn(graphdef, rules=rules)
+    loss_fn = make_loss_fn(graphdef, rules=rules, loss_chunks=loss_chunks)
 
     def eval_step(params: nnx.State, batch: Batch):
         return loss_fn(params, batch)[1]
