@@ -36,9 +36,12 @@ CROSSOVER_VARIANTS = {"weights": "weight gradients only", "ring": "ring (+ K/V r
                       "ulysses": "Ulysses (+ all-to-alls)"}
 # (share of the weight matmuls' FLOPs, share of attention's) the backward pass recomputes:
 # full re-runs each layer's forward (a third of each); minimal keeps the attention output and
-# re-runs the matmuls; dots keeps the matmuls' outputs
-RECOMPUTE = {"none": (0.0, 0.0), "dots": (0.0, 0.0), "minimal": (1 / 3, 0.0),
+# re-runs the matmuls; dots keeps the matmuls' outputs and re-runs the attention kernel
+RECOMPUTE = {"none": (0.0, 0.0), "dots": (0.0, 1 / 3), "minimal": (1 / 3, 0.0),
              "full": (1 / 3, 1 / 3)}
+# the mesh axes each traffic key of `plan.comm_bytes` crosses
+TRAFFIC_AXES = {"fsdp": ("fsdp",), "data+sequence": ("data", "sequence", "ulysses"),
+                "tensor": ("tensor",), "sequence": ("sequence",), "ulysses": ("ulysses",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,7 @@ def candidate_configs(cfg: ml_collections.ConfigDict, devices: int, hardware: Ha
                 for sp_impl, remat in itertools.product(sp_impls, REMATS):
                     c = ml_collections.ConfigDict(cfg.to_dict())
                     c.mesh.update(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
-                    c.attention.sp_impl = sp_impl
+                    c.attention.update(sp_impl=sp_impl, ulysses_degree=1)
                     c.sharding.megatron_sp = tensor > 1
                     c.model.remat = remat
                     parts = [f"{a}={n}" for a, n in c.mesh.items() if n > 1]
@@ -76,19 +79,32 @@ def candidate_configs(cfg: ml_collections.ConfigDict, devices: int, hardware: Ha
                     yield ",".join(parts or ["1 device"]) + f" remat={remat}", c
 
 
+def inside_a_node(axes: tuple[str, ...], sizes: dict[str, int], node_size: int) -> bool:
+    """Whether a collective over `axes` stays inside a node: the mesh puts its axes in the order
+    of `sizes` (data outermost, tensor innermost), so an axis spans its size times every inner
+    axis's size in consecutive devices."""
+    names = list(sizes)
+    used = [names.index(a) for a in axes if sizes.get(a, 1) > 1]
+    if not used:
+        return True
+    return math.prod(sizes[a] for a in names[min(used):]) <= node_size
+
+
 def step_seconds(cfg: ml_collections.ConfigDict, devices: int, result: dict[str, Any],
                  hardware: Hardware) -> dict[str, float]:
-    """The ranking's time model: compute at mfu x peak, each axis's bytes at its bandwidth."""
+    """The ranking's time model: compute at mfu x peak, each axis's bytes at its link's
+    bandwidth (NVLink when the collective stays inside a node, else InfiniBand)."""
     m = ModelConfig.from_config(cfg)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     per_token = flops_per_token(m, cfg.data.seq_len)
-    attention = 12 * m.n_layers * m.n_heads * m.head_dim * cfg.data.seq_len  # of per_token
+    context = min(cfg.data.seq_len, m.sliding_window) if m.sliding_window else cfg.data.seq_len
+    attention = 12 * m.n_layers * m.n_heads * m.head_dim * context  # of per_token
     matmuls_again, attention_again = RECOMPUTE[m.remat]
     flops = ((per_token - attention) * (1 + matmuls_again)
              + attention * (1 + attention_again)) * tokens / devices
     seconds = {"compute": flops / (hardware.peak_flops * hardware.mfu)}
     for axis, sent in result["comm_bytes_per_step"].items():
-        inside = axis == "tensor"
+        inside = inside_a_node(TRAFFIC_AXES[axis], result["mesh"], hardware.node_size)
         rate = hardware.intra_node_bytes_per_s if inside else hardware.inter_node_bytes_per_s
         seconds[axis] = sent / rate
     return seconds
@@ -118,7 +134,14 @@ def advise(cfg: ml_collections.ConfigDict, devices: int, max_memory: float,
     return {"devices": devices, "seq_len": cfg.data.seq_len, "max_memory_bytes": int(max_memory),
             "hardware": dataclasses.asdict(hardware), "layouts": rows,
             "fitting": sum(r["fits"] for r in rows), "rejected": rejected,
-            "crossover": tp_sp_crossover(cfg, hardware.node_size)}
+            "crossover": tp_sp_crossover(cfg, crossover_degree(cfg, devices, hardware))}
+
+
+def crossover_degree(cfg: ml_collections.ConfigDict, devices: int, hardware: Hardware) -> int:
+    """The largest tensor degree inside a node that divides the devices, heads and MLP."""
+    m = ModelConfig.from_config(cfg)
+    return max(t for t in divisors(min(devices, hardware.node_size))
+               if devices % t == 0 and m.n_heads % t == 0 and m.mlp_dim % t == 0)
 
 
 def explain(row: dict[str, Any], max_memory: float) -> str:
@@ -132,7 +155,7 @@ def explain(row: dict[str, Any], max_memory: float) -> str:
     slowest = max((a for a in seconds if a != "compute"), key=seconds.get, default=None)
     time = f"compute {seconds['compute']:.2f} s"
     if slowest:
-        time += f", most traffic on {slowest} ({seconds[slowest]:.2f} s)"
+        time += f", slowest link {slowest} ({seconds[slowest]:.2f} s)"
     return f"{memory}; {time}"
 
 
@@ -141,8 +164,9 @@ def tp_sp_crossover(cfg: ml_collections.ConfigDict, degree: int) -> dict[str, An
     over `degree` devices by tokens sends fewer bytes per device than tensor parallelism over
     them, from `layer_comm_bytes` (one sequence per device group, no remat). Tensor
     parallelism's all-reduces grow with T; the weight-gradient sync does not, so T* is about
-    (block weights x 4 bytes) / (d_model x 2 bytes x 2): the MLP, with twice attention's
-    weights, crosses over at twice attention's length."""
+    (block weights x 4 bytes) / (d_model x 2 bytes x 2): with multi-head attention (4 D^2
+    weights) and a SwiGLU MLP of F = 8D/3 (8 D^2), the MLP crosses over at twice attention's
+    length."""
     m = ModelConfig.from_config(cfg)
 
     def sent(seq_len: int, sequence: int, tensor: int, sp_impl: str) -> dict[str, float]:
@@ -176,6 +200,9 @@ def tp_sp_crossover(cfg: ml_collections.ConfigDict, degree: int) -> dict[str, An
             low, high = degree, degree * 2**30
             if sp_minus_tp(high) > 0:  # SP sends more at any length: no crossover
                 result[f"{variant}_{block}"] = None
+                continue
+            if sp_minus_tp(low) <= 0:  # SP already sends less at the shortest length
+                result[f"{variant}_{block}"] = {"seq_len": low, "over_d_model": low / m.d_model}
                 continue
             while high - low > degree:  # bisect on multiples of the degree
                 mid = (low + high) // 2 // degree * degree

@@ -107,6 +107,9 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.advise:
         from gigajax.advise import advise, format_advice, parse_bytes
 
+        if args.compile:
+            raise GigajaxError("--advise plans hundreds of layouts from formulas and compiles "
+                               "none: run --compile on the layout you pick.")
         advice = advise(cfg, devices, parse_bytes(args.max_memory))
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, args.top))
         return 0

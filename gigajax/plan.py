@@ -217,8 +217,8 @@ def layer_comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]
                      ) -> dict[str, dict[str, float]]:
     """Bytes one device sends per optimizer step for one layer, per block and mesh axis.
 
-    Activation traffic grows with the tokens a device holds: tensor sends two all-reduces (or
-    all-gather + reduce-scatter with Megatron-SP) of the block's b s h output forward and two
+    Activation traffic grows with the tokens a device holds: tensor sends one all-reduce (or
+    all-gather + reduce-scatter with Megatron-SP) of the block's b s h output forward and one
     backward, the ring sends K and V round once forward and K, V, dK, dV backward, Ulysses
     all-to-alls q, k, v and the output forward and their gradients backward (full remat repeats
     the forward's). Weight traffic is fixed per layer: the block's gradients, all-reduced over

@@ -30,9 +30,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
                  positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
-        """Causal mask by token index on one device: within a packed document index order is
-        position order, which lets jax.nn/cuDNN use native causal flags. Sequence-parallel
-        layouts permute the tokens, and mask by `positions_BT` instead.
+        """Causal attention over the tokens in order: the reference, XLA and cuDNN kernels mask
+        by token index (native causal flags), the blockwise kernel and the ring by
+        `positions_BT`; the two agree because positions increase within each segment.
         """
         q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE)
         out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT,
@@ -76,7 +76,7 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     op is left for GSPMD to guess. When KV heads are replicated over `tensor` (fewer than its
     size), each device slices the one KV head that its query heads share. With sequence
     parallelism: Ulysses over `ulysses` (all-to-all; each device then holds whole sequences in
-    order, masked by index with any `attention.impl`), ring attention over `sequence` (tokens in
+    order, attended as on one device), ring attention over `sequence` (tokens in
     the ring layout's order, masked by their positions: within a packed document position order
     is token order, and segment ids keep documents apart), or both (hybrid).
     """
@@ -84,9 +84,9 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
     masks = {"causal": True, "sliding_window": window, "block_q": cfg.block_q,
              "block_kv": cfg.block_kv}
 
-    def by_index(q, k, v, positions, segment_ids):  # the whole sequence, in order, here
-        # the blockwise kernel masks by the batch's positions (equal to index order within a
-        # document): masks of iota positions are constants, which XLA may fold into one
+    def whole_sequence(q, k, v, positions, segment_ids):  # the whole sequence, in order
+        # the blockwise kernel masks by the batch's positions (index order within a document):
+        # masks of iota positions are constants, which XLA may fold into one
         # [T/bq, T/bk, bq, bk] array (a TiB at 1M tokens)
         by_position = ({"q_positions": positions, "kv_positions": positions}
                        if cfg.attention_impl == "blockwise" else {})
@@ -100,16 +100,13 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return by_index(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
+        return whole_sequence(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
     sizes = dict(mesh.shape)
     ring_size, ulysses = sizes.get("sequence", 1), sizes.get("ulysses", 1)
     rules = current_activation_rules()
     batch, heads, kv_heads = rules.get("batch"), rules.get("heads"), rules.get("kv_heads")
     seq = rules.get("inner_seq")
     group = cfg.n_heads // cfg.n_kv_heads
-
-    def whole_sequence(q, k, v, positions, segment_ids):  # Ulysses alone keeps token order
-        return by_index(q, k, v, positions, segment_ids)
 
     def local(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT):
         if heads is not None and kv_heads is None:  # KV replicated: take our query heads' one
@@ -122,7 +119,7 @@ def attention_on_mesh(q_BTHE: jnp.ndarray, k_BSKE: jnp.ndarray, v_BSKE: jnp.ndar
                                      local_attention=ring if ring_size > 1 else whole_sequence)
         if ring_size > 1:
             return ring(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
-        return by_index(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
+        return whole_sequence(q_BTHE, k_BSKE, v_BSKE, positions_BT, segment_ids_BT)
 
     q_spec = PartitionSpec(batch, seq, heads, None)
     kv_spec = PartitionSpec(batch, seq, kv_heads, None)

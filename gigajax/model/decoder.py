@@ -41,7 +41,7 @@ class Decoder(nnx.Module):
         """Logits [B, T, V] (float32) for integer tokens [B, T]; positions feed RoPE.
 
         Positions must increase within each segment (pass segment ids when they restart at
-        document starts): ring sequence parallelism masks by position.
+        document starts): the blockwise kernel and ring sequence parallelism mask by position.
         """
         return self.logits(self.features(tokens_BT, positions_BT, segment_ids_BT))
 

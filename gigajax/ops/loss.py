@@ -39,7 +39,8 @@ def chunked_cross_entropy_sums(x_BTD: jnp.ndarray, logits_fn: Callable[[jnp.ndar
     """`cross_entropy_sums(logits_fn(x_BTD), ...)` computed `chunks` slices of tokens at a time.
 
     Slice j holds tokens j, j + n, j + 2n, ... (n = chunks): strided, so a sequence-sharded T
-    stays sharded the same way in every slice and no device waits on another. A `lax.scan`
+    stays sharded the same way in every slice when T / n splits evenly over the devices that
+    share the sequence (otherwise XLA reshards each slice: correct, slower). A `lax.scan`
     over the slices under `jax.checkpoint` keeps only each slice's inputs; the backward pass
     recomputes one slice's logits at a time. The sums are order-free, so the result equals the
     unchunked one up to float rounding.
