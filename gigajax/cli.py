@@ -17,6 +17,7 @@ import sys
 
 from gigajax.data import commands as data_commands
 from gigajax.errors import GigajaxError
+from gigajax.eval import commands as eval_commands
 from gigajax.train import ckpt_commands
 
 
@@ -37,7 +38,7 @@ def _split_overrides(rest: list[str]) -> list[str]:
     return overrides
 
 
-def _simulate_cpu_devices(wanted: int | None) -> None:
+def simulate_cpu_devices(wanted: int | None) -> None:
     """Give the CPU backend `wanted` (simulated) devices in this process.
 
     Only the CPU platform is affected; on a GPU machine the mesh is built over the GPUs. An
@@ -64,7 +65,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if wanted and wanted % processes:
         raise GigajaxError(f"the mesh asks for {wanted} devices, which do not split over "
                            f"--num-processes={processes}.")
-    _simulate_cpu_devices(wanted // processes if wanted else None)  # per process
+    simulate_cpu_devices(wanted // processes if wanted else None)  # per process
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from gigajax.train.loop import train
 
@@ -86,7 +87,7 @@ def _check_layouts(args: argparse.Namespace, overrides: list[str]) -> int:
 
     layouts = parse_layouts(args.layouts)
     cfg = load_config(args.config, overrides)
-    _simulate_cpu_devices(devices_needed(layouts))
+    simulate_cpu_devices(devices_needed(layouts))
     from gigajax.check_layouts import check_layouts
 
     rows = check_layouts(cfg, layouts, args.steps, args.output)
@@ -114,7 +115,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, args.top))
         return 0
     if args.compile:
-        _simulate_cpu_devices(devices)  # before anything starts JAX's backends
+        simulate_cpu_devices(devices)  # before anything starts JAX's backends
     result = plan(cfg, devices)
     if args.compile:  # ahead of time on (simulated) devices: nothing runs
         from gigajax.plan import compiled_memory
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(handler=lambda args, rest: _check_layouts(args, _split_overrides(rest)))
     data_commands.register(commands)
     ckpt_commands.register(commands)
+    eval_commands.register(commands)
     args, rest = parser.parse_known_args(argv)
     try:
         return args.handler(args, rest)

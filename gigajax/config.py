@@ -56,15 +56,20 @@ def base_config() -> ml_collections.ConfigDict:
     # source stdlib | prepared (`gigajax data prepare` output: data.path, or data.mixture
     # 'DIR=WEIGHT,DIR=WEIGHT'); tokenizer auto: byte for stdlib, the manifest's for prepared.
     # val_fraction, max_bytes: stdlib only. fim_rate: share of documents rewritten for FIM.
-    # source passkey: generated PassKey documents (data/synthetic.py) with a key_digits-digit
-    # key; loss answer (only the key's tokens are targets) | all (every token)
+    # source passkey: generated PassKey documents (data/synthetic.py) with keys of
+    # min_key_digits (0: key_digits) to key_digits digits; the answer's tokens have loss weight 1,
+    # the rest text_weight (0: answer only); short_rate: share without the instruction
     c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
                   batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0,
-                  passkey=dict(key_digits=5, loss="answer"))
+                  passkey=dict(key_digits=5, min_key_digits=0, text_weight=0.0,
+                               short_rate=0.0))
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
                    checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0,
                    nonfinite="skip",  # NaN/Inf loss or grad norm: skip (drop the update) | stop
-                   loss_chunks=1)  # > 1: head + loss over that many token slices (long context)
+                   loss_chunks=1,  # > 1: head + loss over that many token slices (long context)
+                   # a checkpoint (workdir, step dir, or `ckpt export` output) whose params start
+                   # the run, with a fresh optimizer and step 0; unused once the run has its own
+                   init_from="")
     c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)

@@ -1,10 +1,17 @@
-"""Greedy generation with a KV cache: one prefill of the prompt, then one token per step.
+"""Greedy generation with a KV cache: a prefill of the prompt, then one token per step.
 
-Two compiled programs (the prompt's length, and one token), the cache index a traced scalar,
-so a long generation does not recompile. One device; the model's own layers (`Decoder.decode`).
+The prompt is prefilled in chunks of at most `prefill_chunk` tokens (attention memory grows with
+chunk x cache length, not prompt length squared); the last chunk is moved back to end at the
+prompt's end, recomputing a few cached tokens (the same keys and values, written again), so
+every chunk has one shape. Two compiled programs per (batch, cache length): a chunk and one
+token; the cache index is a traced scalar and the step is jitted once per module (the graph
+definition is a static argument), so repeated calls and long generations do not recompile.
+One device; the model's own layers (`Decoder.decode`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,24 +21,59 @@ from flax import nnx
 from gigajax.model import Decoder
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_argmax(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array,
+                   cache: dict[str, jax.Array], index: jax.Array
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The argmax next token [B] after `tokens_BT` at cache slots [index, index+T), and the
+    updated cache."""
+    logits_BTV, cache = nnx.merge(graphdef, state).decode(tokens_BT, cache, index)
+    return jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, prompts_BT: jax.Array,
+             cache: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Fill the cache with the prompts in chunks; the argmax token after the last one [B]."""
+    T = prompts_BT.shape[1]
+    chunk = min(chunk, T)
+    for start in range(0, T, chunk):
+        start = min(start, T - chunk)  # the last chunk ends at T (recomputing some slots)
+        token_B, cache = _decode_argmax(graphdef, state, prompts_BT[:, start:start + chunk],
+                                        cache, jnp.int32(start))
+    return token_B, cache
+
+
+def greedy_generate_batch(model: Decoder, prompts_BT: np.ndarray, max_new_tokens: int,
+                          prefill_chunk: int = 512) -> np.ndarray:
+    """The argmax continuations [B, max_new_tokens] of prompts [B, T] of one length."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    prompts_BT = jnp.asarray(prompts_BT, jnp.int32)
+    B, T = prompts_BT.shape
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(B, T + max_new_tokens)
+    token_B, cache = _prefill(graphdef, state, prompts_BT, cache, prefill_chunk)
+    out = [token_B]
+    for index in range(T, T + max_new_tokens - 1):
+        token_B, cache = _decode_argmax(graphdef, state, token_B[:, None], cache,
+                                        jnp.int32(index))
+        out.append(token_B)
+    return np.asarray(jnp.stack(out, axis=1), np.int32)
+
+
 def greedy_generate(model: Decoder, prompt_ids: np.ndarray, max_new_tokens: int,
-                    eos_id: int | None = None) -> np.ndarray:
+                    eos_id: int | None = None, prefill_chunk: int = 512) -> np.ndarray:
     """The argmax continuation of `prompt_ids` [T]: up to `max_new_tokens` ids, stopping after
     `eos_id` if given."""
     prompt_1T = jnp.asarray(prompt_ids, jnp.int32)[None]
     graphdef, state = nnx.split(model)
     cache = model.init_cache(1, prompt_1T.shape[1] + max_new_tokens)
-
-    @jax.jit
-    def step(state, tokens_1T, cache, index):
-        logits_1TV, cache = nnx.merge(graphdef, state).decode(tokens_1T, cache, index)
-        return jnp.argmax(logits_1TV[:, -1], axis=-1).astype(jnp.int32), cache
-
-    token_1, cache = step(state, prompt_1T, cache, jnp.int32(0))
+    token_1, cache = _prefill(graphdef, state, prompt_1T, cache, prefill_chunk)
     out = [int(token_1[0])]
     index = prompt_1T.shape[1]
     while len(out) < max_new_tokens and (eos_id is None or out[-1] != eos_id):
-        token_1, cache = step(state, token_1[:, None], cache, jnp.int32(index))
+        token_1, cache = _decode_argmax(graphdef, state, token_1[:, None], cache,
+                                        jnp.int32(index))
         out.append(int(token_1[0]))
         index += 1
     return np.asarray(out, np.int32)

@@ -39,9 +39,9 @@ TEST_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
               "--config.attention.block_kv=32"]
 
 
-def builder_for(layout: str) -> tuple[StateBuilder, object]:
+def builder_for(layout: str, overrides: tuple[str, ...] = ()) -> tuple[StateBuilder, object]:
     """The train state's shapes and shardings of the tiny model under `layout` ('' = 1 device)."""
-    cfg = load_config(ROOT / "configs" / "tiny.py", TEST_MODEL)
+    cfg = load_config(ROOT / "configs" / "tiny.py", [*TEST_MODEL, *overrides])
     cfg = layout_config(cfg, parse_layouts(layout)[0] if layout else {})
     mesh = make_mesh(cfg.mesh, jax.devices()[:math.prod(cfg.mesh.values())])
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
@@ -387,3 +387,36 @@ def test_two_processes_agree_on_the_fallback(tmp_path):
         assert worker.returncode == 0 and "worker ok" in out, out
     assert "checkpoint 20 is unreadable (state/ocdbt.process_1/" in outputs[0]
     assert "falling back to 10" in outputs[1]
+
+
+def test_init_from_starts_step_0_from_checkpoint_params_on_another_layout(run, tmp_path):
+    """`train.init_from`: the params of a step directory, or of a bf16 export, placed in the
+    new layout's shardings, with fresh optimizer moments and step 0; a checkpoint of another
+    model size, or no checkpoint at all, is a clear error."""
+    from gigajax.train.loop import initial_state
+
+    workdir, params, _ = run
+    export(workdir, tmp_path / "bf16", step=300, dtype="bfloat16")
+    builder, _ = builder_for("fsdp=4,tensor=2")
+    for source, want in [(workdir / "checkpoints" / "200", params[200]),
+                         (tmp_path / "bf16", jax.tree.map(
+                             lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32),
+                             params[300]))]:
+        notes = []
+        with jax.set_mesh(builder.mesh):
+            state = initial_state(builder, str(source), notes)
+        assert int(state["step"]) == 0 and int(state["skipped"]) == 0
+        got = nnx.to_pure_dict(state["params"])
+        for g, w, sharding in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                                  jax.tree.leaves(builder.shardings["params"]), strict=True):
+            assert g.dtype == np.float32 and g.sharding == sharding
+            np.testing.assert_array_equal(np.asarray(g), w)
+        assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves(state["opt_state"])
+                   if m.ndim)  # Adam moments start at zero
+        assert len(notes) == 1 and str(source) in notes[0]
+        assert ("(step 200)" in notes[0]) == (source.name == "200")
+    other, _ = builder_for("", ("--config.model.d_model=32",))
+    with pytest.raises(GigajaxError, match="do not fit this config's model: .* has shape"):
+        initial_state(other, str(workdir), [])
+    with pytest.raises(GigajaxError, match="train.init_from .*nope does not exist"):
+        initial_state(builder, str(tmp_path / "nope"), [])

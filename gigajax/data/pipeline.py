@@ -1,14 +1,15 @@
 """Grain pipeline: token streams -> shuffled fixed-length windows -> packed batches.
 
-Sources: the stdlib corpus (`data.source=stdlib`, in memory) or directories written by
-`gigajax data prepare` (`data.source=prepared`, memory-mapped shards, `data/store.py`), one
-(`data.path`) or several mixed by weight (`data.mixture`). Each stream holds documents each
+Sources: the stdlib corpus (`data.source=stdlib`, in memory), directories written by `gigajax data
+prepare` (`data.source=prepared`, memory-mapped shards, `data/store.py`), one (`data.path`) or
+several mixed by weight (`data.mixture`), or generated PassKey documents (`data.source=passkey`,
+`data/synthetic.py`: windows made on demand, already packed). Each stream holds documents each
 followed by EOS and is cut into non-overlapping windows of T+1 tokens with stride T (window i
 covers tokens [i*T, i*T+T]), so every token after the first is a target once per epoch (a tail
-shorter than T is dropped): documents are packed several to a window, and one that crosses a
-window edge continues in the next window. The dataset is a random-access `grain.MapDataset`:
-the batch of training step s is `ds[s]`, a pure function of (data, seed, s). The training loop
-reads it through grain's iterator, whose state (the next index) is saved with every checkpoint.
+shorter than T is dropped): documents are packed several to a window, and one that crosses a window
+edge continues in the next window. The dataset is a random-access `grain.MapDataset`: the batch of
+training step s is `ds[s]`, a pure function of (data, seed, s). The training loop reads it through
+grain's iterator, whose state (the next index) is saved with every checkpoint.
 
 A batch is a dict of numpy arrays, all [B, T]:
   inputs, targets  int32   window[:-1], window[1:]
@@ -18,6 +19,7 @@ A batch is a dict of numpy arrays, all [B, T]:
                            after an EOS opens a new document); attention must not cross segments
   loss_mask        float32 0 where the input is EOS (its target opens the next document) or,
                            for SFT data, where the target is not a response token; else 1
+                           (PassKey: 1 on the answer, data.passkey.text_weight elsewhere)
 
 Under sequence parallelism every [B, T] array is permuted along T into the ring layout
 (`ops/layouts.py`, `sequence_perm`) here, once; the model and the loss never un-permute.
@@ -35,12 +37,13 @@ import numpy as np
 
 from gigajax.data import store
 from gigajax.data.stdlib_corpus import load_stdlib_tokens
-from gigajax.data.tokenizer import ByteTokenizer, get_tokenizer
+from gigajax.data.synthetic import PasskeyWindows, check_passkey_config
+from gigajax.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError
 from gigajax.ops.layouts import permute_sequence
 
 Batch = dict[str, np.ndarray]
-SOURCES = ("stdlib", "prepared")
+SOURCES = ("stdlib", "prepared", "passkey")
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -68,15 +71,15 @@ def batch_features(w_BxT1: np.ndarray, target_mask_BxT1: np.ndarray | None = Non
     starts_BxT[:, 1:] = is_eos_BxT[:, :-1]  # the token after an EOS opens a new document
     idx_T = np.arange(seq_len, dtype=np.int32)
     last_start_BxT = np.maximum.accumulate(np.where(starts_BxT, idx_T, 0), axis=1)
-    learn_BxT = ~is_eos_BxT
-    if target_mask_BxT1 is not None:
-        learn_BxT &= target_mask_BxT1[:, 1:].astype(bool)  # is the *target* a trained token
+    loss_mask_BxT = (~is_eos_BxT).astype(np.float32)
+    if target_mask_BxT1 is not None:  # of the *target*: 0/1 (is it trained) or a weight
+        loss_mask_BxT *= target_mask_BxT1[:, 1:].astype(np.float32)
     return {
         "inputs": np.ascontiguousarray(inputs_BxT),
         "targets": np.ascontiguousarray(targets_BxT),
         "positions": (idx_T - last_start_BxT).astype(np.int32),
         "segment_ids": 1 + np.cumsum(starts_BxT, axis=1, dtype=np.int32),
-        "loss_mask": learn_BxT.astype(np.float32),
+        "loss_mask": loss_mask_BxT,
     }
 
 
@@ -102,6 +105,9 @@ class TokenSource:
     tokens: Sequence[int]  # [N] np.ndarray or store.ConcatStream (memory-mapped shards)
     mask: Sequence[int] | None = None  # [N] 1 = the token is a training target; None = all are
     name: str = ""
+
+
+Source = TokenSource | PasskeyWindows  # a token stream, or windows generated on demand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +167,7 @@ def apply_fim(tokens: np.ndarray, mask: np.ndarray, fim: FimSpec, eos_id: int,
 
 
 def make_dataset(
-    tokens: np.ndarray | Sequence[TokenSource],
+    tokens: np.ndarray | Sequence[Source],
     *,
     seq_len: int,
     batch_size: int,
@@ -176,11 +182,13 @@ def make_dataset(
 ) -> grain.MapDataset:
     """A random-access dataset whose item s is the batch for step s (a function of seed and s).
 
-    `tokens` is one stream, or several TokenSources mixed by `weights` (grain's deterministic
-    weighted interleave of the per-source shuffled windows). `rows` selects this process's rows
-    of each global batch (all rows when None): a process reads only the windows it feeds to its
-    own devices. `sequence_perm` permutes the tokens of every row into the sequence-parallel
-    layout. `fim` rewrites documents for fill-in-the-middle, seeded by (seed, sample index).
+    `tokens` is one stream, or several sources mixed by `weights` (grain's deterministic
+    weighted interleave of the per-source shuffled windows); generated windows
+    (`PasskeyWindows`, their own seed) are independent draws, so they are not shuffled. `rows`
+    selects this process's rows of each global batch (all rows when None): a process reads only
+    the windows it feeds to its own devices. `sequence_perm` permutes the tokens of every row
+    into the sequence-parallel layout. `fim` rewrites documents for fill-in-the-middle, seeded
+    by (seed, sample index).
     """
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
@@ -188,6 +196,11 @@ def make_dataset(
     parts = []
     needed = batch_size if len(sources) == 1 else 1  # a mixture draws on each source by weight
     for i, source in enumerate(sources):
+        if isinstance(source, PasskeyWindows):
+            if source.seq_len != seq_len:
+                raise ValueError(f"PasskeyWindows of seq_len {source.seq_len} != {seq_len}")
+            parts.append(grain.MapDataset.source(source))  # independent draws: no shuffle
+            continue
         n = num_windows(len(source.tokens), seq_len)
         if n < needed:
             raise DataError(
@@ -199,7 +212,8 @@ def make_dataset(
         ds = grain.MapDataset.source(WindowSource(source, seq_len))
         if shuffle:  # a fresh permutation every epoch
             ds = ds.shuffle(seed=_shuffle_seed(seed if len(sources) == 1 else [seed, i]))
-        parts.append(ds.repeat() if repeat else ds)
+        parts.append(ds)
+    parts = [ds.repeat() if repeat else ds for ds in parts]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     local = range(*(rows or slice(0, batch_size)).indices(batch_size))
 
@@ -242,7 +256,7 @@ def iterator_step(iterator: grain.DatasetIterator) -> int:
 class Mixture:
     """Token sources with sampling weights (one source: weight 1)."""
 
-    sources: tuple[TokenSource, ...]
+    sources: tuple[Source, ...]
     weights: tuple[float, ...]
 
 
@@ -259,6 +273,8 @@ def eval_batches(
     """The first `num_batches` batches of the unshuffled validation stream(s) (a fixed list)."""
     mix = tokens if isinstance(tokens, Mixture) else Mixture((TokenSource(tokens),), (1.0,))
     for source, weight in zip(mix.sources, mix.weights, strict=True):
+        if isinstance(source, PasskeyWindows):  # as many windows as anyone asks for
+            continue
         n = num_windows(len(source.tokens), seq_len)
         wanted = int(np.ceil(num_batches * batch_size * weight))
         if n < wanted:
@@ -345,21 +361,29 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> DataIds:
             + ", ".join(repr(s) for s in SOURCES) + ".")
     if not 0.0 <= data_cfg.fim_rate <= 1.0:
         raise ConfigError(f"data.fim_rate={data_cfg.fim_rate!r} must lie in [0, 1].")
-    if data_cfg.source == "stdlib":
-        tok = get_tokenizer("byte" if data_cfg.tokenizer == "auto" else data_cfg.tokenizer)
+    if data_cfg.source in ("stdlib", "passkey"):
+        tok = _generated_tokenizer(data_cfg)
         fim_ids = tuple(getattr(tok, f"fim_{k}_id", None) for k in ("prefix", "middle", "suffix"))
         fim = FimSpec(data_cfg.fim_rate, *fim_ids) if None not in fim_ids else None
         ids, has_mask = DataIds(tok.vocab_size, tok.eos_id, tok.vocab_size - 1, fim), False
+        if data_cfg.source == "passkey":
+            check_passkey_config(data_cfg, tok)
     else:
         _, ids, has_mask = _prepared_ids(data_cfg)
     if data_cfg.fim_rate > 0 and ids.fim is None:
         raise ConfigError(f"data.fim_rate={data_cfg.fim_rate} needs FIM sentinel tokens, which "
                           "this tokenizer lacks; train one with `gigajax data train-tokenizer` "
                           "or set data.fim_rate=0.")
-    if data_cfg.fim_rate > 0 and has_mask:
+    if data_cfg.fim_rate > 0 and (has_mask or data_cfg.source == "passkey"):
         raise ConfigError(f"data.fim_rate={data_cfg.fim_rate} applies to pretraining text; the "
-                          "SFT data here has a loss mask. Set data.fim_rate=0.")
+                          f"{'PassKey' if data_cfg.source == 'passkey' else 'SFT'} data here "
+                          "has a loss mask. Set data.fim_rate=0.")
     return ids
+
+
+def _generated_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer of a source that tokenizes text itself (stdlib, passkey): byte for auto."""
+    return get_tokenizer("byte" if data_cfg.tokenizer == "auto" else data_cfg.tokenizer)
 
 
 def build_datasets(
@@ -375,12 +399,20 @@ def build_datasets(
     """
     ids = check_data_config(data_cfg)
     fim = ids.fim if data_cfg.fim_rate > 0 else None
-    if data_cfg.source == "stdlib":
+    if data_cfg.source == "passkey":
+        tok, pk = _generated_tokenizer(data_cfg), data_cfg.passkey
+        train = [PasskeyWindows(tok, data_cfg.seq_len, seed, "train", pk.key_digits,
+                                pk.text_weight, pk.short_rate, pk.min_key_digits)]
+        # validation: the benchmark's documents (whole prompts, key_digits digits) and the
+        # answer's loss alone, so eval_loss is the answer's loss whatever the training mix
+        val = Mixture((PasskeyWindows(tok, data_cfg.seq_len, seed, "validation",
+                                      pk.key_digits),), (1.0,))
+        weights = None
+    elif data_cfg.source == "stdlib":
         load = functools.partial(
-            load_stdlib_tokens, tokenizer=get_tokenizer("byte" if data_cfg.tokenizer == "auto"
-                                                        else data_cfg.tokenizer),
+            load_stdlib_tokens, tokenizer=_generated_tokenizer(data_cfg),
             max_bytes=int(data_cfg.max_bytes) or None, val_fraction=data_cfg.val_fraction)
-        train: np.ndarray | list[TokenSource] = load("train")
+        train: np.ndarray | list[Source] = load("train")
         weights, val = None, load("validation")
     else:
         entries, _, _ = _prepared_ids(data_cfg)

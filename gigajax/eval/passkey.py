@@ -26,7 +26,9 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 
-# (prompt token ids, number of new tokens) -> the generated token ids
+ANSWER = " {key}."  # what follows QUESTION: the synthetic training data's target
+
+# (prompt token ids [B, T], number of new tokens N) -> the generated token ids [B, N]
 Generate = Callable[[np.ndarray, int], np.ndarray]
 
 
@@ -40,14 +42,29 @@ class Prompt:
     depth: float
 
 
-def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, sample: int = 0,
-                key_digits: int = 5) -> Prompt:
-    """The prompt of `length` tokens with a `key_digits`-digit key at `depth` of the filler."""
+def make_key(rng: np.random.Generator, key_digits: int = 5) -> str:
+    """`key_digits` random decimal digits (leading zeros allowed)."""
+    return "".join(str(d) for d in rng.integers(0, 10, key_digits))
+
+
+def fixed_tokens(tokenizer: Tokenizer, key: str, instruction: bool = True) -> int:
+    """Tokens of a prompt without filler: instruction, needle with `key`, question."""
+    return sum(len(tokenizer.encode(text))
+               for text in (INSTRUCTION * instruction, NEEDLE.format(key=key), QUESTION))
+
+
+def shortest_length(tokenizer: Tokenizer, key_digits: int = 5) -> int:
+    """The shortest `length` a prompt can have (no filler), for a `key_digits`-digit key."""
+    return fixed_tokens(tokenizer, "0" * key_digits)
+
+
+def build_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str,
+                 instruction: bool = True) -> Prompt:
+    """The prompt of `length` tokens with `key` in its needle at `depth` of the filler (and
+    without the instruction if `instruction` is False: synthetic training data only)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth {depth} must lie in [0, 1]")
-    rng = np.random.default_rng([seed, length, int(round(depth * 1e6)), sample])
-    key = "".join(str(d) for d in rng.integers(0, 10, key_digits))
-    head = tokenizer.encode(INSTRUCTION)
+    head = tokenizer.encode(INSTRUCTION * instruction)
     needle = tokenizer.encode(NEEDLE.format(key=key))
     question = tokenizer.encode(QUESTION)
     budget = length - len(head) - len(needle) - len(question)
@@ -61,49 +78,71 @@ def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, samp
     return Prompt(ids, key, length, depth)
 
 
+def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, sample: int = 0,
+                key_digits: int = 5) -> Prompt:
+    """The prompt of `length` tokens with a `key_digits`-digit key at `depth` of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth {depth} must lie in [0, 1]")
+    rng = np.random.default_rng([seed, length, int(round(depth * 1e6)), sample])
+    return build_prompt(tokenizer, length, depth, make_key(rng, key_digits))
+
+
 def is_right(answer: str, key: str) -> bool:
     """Binary score: the answer, leading spaces stripped, starts with the key."""
     return answer.lstrip().startswith(key)
 
 
 def score_grid(generate: Generate, tokenizer: Tokenizer, lengths: Sequence[int],
-               depths: Sequence[float], samples: int = 5, seed: int = 0,
+               depths: Sequence[float], samples: int = 5, seed: int = 0, key_digits: int = 5,
                progress: Callable[[int, int], None] | None = None) -> dict:
-    """Mean score per (length, depth) over `samples` prompts each; JSON-ready."""
+    """Mean score per (length, depth) over `samples` prompts each; JSON-ready.
+
+    The prompts of one cell have the same length, so `generate` answers them as one batch.
+    """
     grid = list(itertools.product(lengths, depths))
     scores = np.zeros((len(lengths), len(depths)))
     for k, (length, depth) in enumerate(grid):
-        right = 0
-        for sample in range(samples):
-            prompt = make_prompt(tokenizer, length, depth, seed, sample)
-            new_tokens = len(tokenizer.encode(" " + prompt.key)) + 1
-            answer = tokenizer.decode(generate(prompt.ids, new_tokens))
-            right += is_right(answer, prompt.key)
+        prompts = [make_prompt(tokenizer, length, depth, seed, sample, key_digits)
+                   for sample in range(samples)]
+        new_tokens = max(len(tokenizer.encode(" " + p.key)) for p in prompts) + 1
+        answers_BN = generate(np.stack([p.ids for p in prompts]), new_tokens)
+        right = sum(is_right(tokenizer.decode(answer_N), p.key)
+                    for answer_N, p in zip(answers_BN, prompts, strict=True))
         scores[k // len(depths), k % len(depths)] = right / samples
         if progress:
             progress(k + 1, len(grid))
     return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,
-            "scores": scores.tolist(), "mean": float(scores.mean())}
+            "key_digits": key_digits, "scores": scores.tolist(), "mean": float(scores.mean())}
 
 
-def plot_heatmap(result: dict, path: str | Path, title: str = "PassKey retrieval") -> None:
-    """Score per (depth, length) as a heatmap PNG (rows: depth, columns: length)."""
+def plot_heatmap(result: dict | Sequence[dict], path: str | Path,
+                 title: str | Sequence[str] = "PassKey retrieval", suptitle: str = "") -> None:
+    """Score per (depth, length) as a heatmap PNG (rows: depth, columns: length); several
+    results (with a title each) side by side as panels sharing one colour scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = np.asarray(result["scores"]).T  # [depth, length]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * scores.shape[1], 1.0 + 0.5 * scores.shape[0]))
-    image = ax.imshow(scores, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
-    ax.set_yticks(range(len(result["depths"])), [f"{d:.2f}" for d in result["depths"]])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for (i, j), value in np.ndenumerate(scores):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    results = [result] if isinstance(result, dict) else list(result)
+    titles = [title] if isinstance(title, str) else list(title)
+    if len(titles) != len(results):
+        raise ValueError(f"{len(results)} results but {len(titles)} titles")
+    n_depths, n_lengths = np.asarray(results[0]["scores"]).T.shape
+    fig, axes = plt.subplots(1, len(results), squeeze=False, sharey=True, figsize=(
+        0.8 + len(results) * max(2.4, 0.6 + 0.9 * n_lengths), 1.2 + 0.5 * n_depths))
+    for ax, res, name in zip(axes[0], results, titles, strict=True):
+        scores = np.asarray(res["scores"]).T  # [depth, length]
+        image = ax.imshow(scores, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(res["lengths"])), [str(n) for n in res["lengths"]])
+        ax.set_yticks(range(len(res["depths"])), [f"{d:.2f}" for d in res["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        for (i, j), value in np.ndenumerate(scores):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -5,11 +5,15 @@ into host numpy arrays, structure from the checkpoint's own metadata): no model 
 no optimizer state in memory. Both write a *params checkpoint*: a directory with an Orbax item
 `params` (a plain nested dict of arrays, the `nnx.to_pure_dict` layout, so
 `nnx.replace_by_pure_dict(abstract_state, params)` loads it into a model), an item `meta` (JSON:
-run config, source steps, dtype, parameter count) and `checksums.json`. `load_params` reads one.
+run config, source steps, dtype, parameter count) and `checksums.json`. `load_params` reads one;
+`read_params` reads the params of any of them (workdir, step directory or params checkpoint), for
+evaluation and for `train.init_from`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +115,64 @@ def load_params(directory: str | Path) -> tuple[dict, dict]:
     if reason := verify_checksums(directory):
         raise CorruptCheckpoint(f"params checkpoint {directory} is corrupt: {reason}")
     return _restore_numpy(directory / "params"), _read_json(directory / "meta")
+
+
+@dataclasses.dataclass
+class Params:
+    """The params of one checkpoint, wherever it was named from (`read_params`)."""
+
+    params: dict  # nnx.to_pure_dict layout, host numpy arrays
+    config: dict | None  # the run's config as saved (meta, else the workdir's config.json)
+    step: int | None  # the training step (None for an averaged params checkpoint)
+    path: Path  # the step or params directory read
+    workdir: Path | None  # the training workdir, when the checkpoint lies in one
+
+
+def _is_step_dir(path: Path) -> bool:
+    return (path / "state").is_dir() and (path / "meta").is_dir()
+
+
+def _is_params_dir(path: Path) -> bool:
+    return (path / "params").is_dir() and (path / "meta").is_dir()
+
+
+def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--checkpoint"
+                ) -> Params:
+    """The params of `checkpoint`: a training workdir (its latest step, or `step`), its
+    `checkpoints/` directory, one step directory, or a params checkpoint (`export`, `average`).
+    `flag` names the setting in error messages."""
+    path = Path(checkpoint).absolute()
+    if not path.exists():
+        raise GigajaxError(f"{flag} {checkpoint} does not exist: pass a training workdir (the "
+                           "--workdir of `gigajax train`) or a checkpoint directory in it.")
+    workdir = path if (path / "checkpoints").is_dir() else (
+        path.parent if path.name == "checkpoints" else None)
+    if workdir is not None:
+        directory = step_directory(workdir, step)
+    elif _is_step_dir(path) or _is_params_dir(path):
+        if step is not None and _is_step_dir(path) and int(path.name) != step:
+            raise GigajaxError(f"--step {step} but {path} is the checkpoint of step {path.name}")
+        directory = path
+        if _is_step_dir(path) and path.parent.name == "checkpoints":
+            workdir = path.parent.parent
+    else:
+        raise GigajaxError(
+            f"{flag} {checkpoint} is not a training workdir (no checkpoints/ inside), a "
+            "checkpoints/ directory, a step directory (state/ and meta/) or a params checkpoint "
+            "(params/ and meta/, from `gigajax ckpt export`).")
+    if _is_step_dir(directory):
+        if reason := verify_checksums(directory):
+            raise CorruptCheckpoint(f"checkpoint {directory} is corrupt: {reason}")
+        params, meta = train_params(directory)
+        at_step = int(meta.get("step", directory.name))
+    else:
+        params, meta = load_params(directory)
+        steps = meta.get("source_steps") or []
+        at_step = steps[0] if len(steps) == 1 else None
+    config = meta.get("config")
+    if config is None and workdir is not None and (workdir / "config.json").is_file():
+        config = json.loads((workdir / "config.json").read_text())
+    return Params(params, config, at_step, directory, workdir)
 
 
 def _meta(source: dict, steps: list[int], dtype: str, params: Any, how: str) -> dict:

@@ -3,10 +3,11 @@
 Everything a run writes lives in its workdir: `metrics.jsonl` (one JSON object per logged step),
 `tb/` (TensorBoard scalars), `checkpoints/<step>/` (Orbax: state, config, data-iterator state)
 and `config.json`. Running the same command again resumes from the latest readable checkpoint
-(a corrupt newest one is set aside and the one before it used). SIGTERM (preemption) lets the
-step in flight finish, saves, and exits; with several processes all stop at the step JAX's
-preemption service has them agree on. Ctrl-C saves too when it lands between steps (one process
-only). `train.nonfinite=stop` saves the last good state and exits on a NaN/Inf loss.
+(a corrupt newest one is set aside and the one before it used); a run with no checkpoint yet
+starts from `train.init_from`'s params when set (fine-tuning, e.g. with RoPE scaling). SIGTERM
+(preemption) lets the step in flight finish, saves, and exits; with several processes all stop at
+the step JAX's preemption service has them agree on. Ctrl-C saves too when it lands between steps
+(one process only). `train.nonfinite=stop` saves the last good state and exits on a NaN/Inf loss.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from gigajax.distributed import BATCH_SPEC, place_batch, process_rows
 from gigajax.errors import GigajaxError
 from gigajax.mesh import make_mesh, sequence_permutation
 from gigajax.sharding import Layout
+from gigajax.train import ckpt_tools
 from gigajax.train.checkpoint import Checkpointer
 from gigajax.train.flops import flops_per_token, peak_flops_per_device
 from gigajax.train.logger import MetricsLogger
 from gigajax.train.optim import make_optimizer
-from gigajax.train.state import StateBuilder, layout_for
+from gigajax.train.state import StateBuilder, TrainState, layout_for
 from gigajax.train.step import make_eval_step, make_train_step
 
 
@@ -116,6 +118,18 @@ class NonFiniteStop(GigajaxError):
     exit_code = 3
 
 
+def initial_state(builder: StateBuilder, init_from: str, notes: list[str]) -> TrainState:
+    """Step 0: fresh parameters, or with `train.init_from` the params of that checkpoint (a
+    workdir's latest step, a step directory or a params checkpoint) with a new optimizer."""
+    if not init_from:
+        return builder.init()
+    found = ckpt_tools.read_params(init_from, flag="train.init_from")
+    step = f" (step {found.step})" if found.step is not None else ""
+    state = builder.from_params(found.params, f"train.init_from={init_from}")
+    notes.append(f"params from {found.path}{step}; optimizer state and step start fresh")
+    return state
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True
           ) -> dict[str, Any]:
     """Train (or resume) per `cfg` in `workdir`; returns a summary of the last logged metrics."""
@@ -137,7 +151,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                                     cfg.checkpoint.keep_every, cfg.checkpoint.async_save,
                                     log=notes.append)
         restored = checkpointer.restore_latest(training.state.abstract, data_iter)
-        state = restored[0] if restored else training.state.init()
+        state = restored[0] if restored else initial_state(training.state, t.init_from, notes)
         start = int(state["step"])
         if (position := iterator_step(data_iter)) != start:  # no data state in the checkpoint
             notes.append(f"the data iterator is at batch {position}, the state at step {start}: "

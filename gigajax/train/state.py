@@ -4,6 +4,8 @@ in place. `skipped` counts the steps whose update was dropped for a non-finite l
 Shapes come from `jax.eval_shape` and shardings from the layout's rule tables, so the state is
 created (jit with `out_shardings`) or restored (Orbax into `ShapeDtypeStruct`s with shardings)
 directly in its final layout: no device ever holds a full replica it is not meant to hold.
+`from_params` starts from given parameters instead (`train.init_from`), each process placing
+only the shards its devices hold.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax.config import ModelConfig
+from gigajax.errors import GigajaxError
 from gigajax.model import Decoder
 from gigajax.sharding import (
     Layout,
@@ -66,7 +70,31 @@ class StateBuilder:
 
     def init(self) -> TrainState:
         """A fresh state, each parameter and optimizer moment built in its own sharding."""
-        params = init_sharded(self.create, self.shardings["params"])
+        return self._start(init_sharded(self.create, self.shardings["params"]))
+
+    def from_params(self, pure: dict, source: str) -> TrainState:
+        """A fresh state (step 0, new optimizer moments) around `pure` (`nnx.to_pure_dict`
+        layout, host arrays of any float dtype, cast to the model's), which must have the
+        model's shapes; `source` names them in errors."""
+        from gigajax.train.checkpoint import shape_mismatch, tree_shapes
+
+        abstract = self.abstract["params"]
+        wanted = nnx.to_pure_dict(abstract)
+        if problem := shape_mismatch(tree_shapes(pure), tree_shapes(wanted), what=source):
+            raise GigajaxError(f"the params of {source} do not fit this config's model: "
+                               f"{problem}. train.init_from may change how the model runs (RoPE "
+                               "scaling, max_seq_len, dtype, attention), not its sizes.")
+
+        def place(want: jax.ShapeDtypeStruct, value: np.ndarray) -> jax.Array:
+            value = np.asarray(value).astype(want.dtype)  # each process puts only its shards
+            return jax.make_array_from_callback(want.shape, want.sharding, lambda i: value[i])
+
+        params = jax.tree.map(lambda x: x, abstract)  # a copy of the State to fill
+        nnx.replace_by_pure_dict(params, jax.tree.map(place, wanted, pure))
+        return self._start(params)
+
+    def _start(self, params: nnx.State) -> TrainState:
+        """Step 0 around `params`: fresh optimizer moments, counters at zero."""
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)
         def counter() -> jax.Array:  # one buffer each: the train step donates both
             return jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])

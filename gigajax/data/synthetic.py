@@ -1,0 +1,125 @@
+"""Generated training data: PassKey documents (`data.source=passkey`), the task that
+`gigajax eval passkey` scores, so a small model can learn retrieval in minutes.
+
+A document is `prompt + ANSWER + EOS` (`eval/passkey.py`: instruction, filler with the needle at a
+random depth, question; then " <key>."). Window i of T+1 tokens is a function of (seed, split, i)
+alone: documents with prompt lengths drawn uniformly from [shortest prompt, what still fits] are
+laid one after another until the next would not fit whole, and the rest of the window holds the
+start of one more prompt (cut off, never its answer). So every trained answer has its needle in
+the same window, documents start at window starts (positions, segment ids and loss masks come
+from `pipeline.batch_features` as for every source), and windows are independent, so no shuffle
+is needed. The answer's tokens have loss weight 1, every other token `text_weight` (0: the
+answer alone; 1: a plain language-model loss over everything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from gigajax.data.tokenizer import Tokenizer
+from gigajax.errors import ConfigError
+from gigajax.eval import passkey
+
+SPLITS = {"train": 0, "validation": 1}  # a separate random stream per split
+WINDOWS = 1 << 31  # windows per "epoch": the index range, not data held anywhere
+
+
+def document(tokenizer: Tokenizer, length: int, depth: float, key: str, instruction: bool = True
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """One document, prompt of `length` tokens + answer + EOS, and its answer mask (1 on the
+    answer's tokens)."""
+    prompt = passkey.build_prompt(tokenizer, length, depth, key, instruction).ids
+    answer = tokenizer.encode(passkey.ANSWER.format(key=key)).astype(np.int32)
+    tokens = np.concatenate([prompt, answer, [tokenizer.eos_id]]).astype(np.int32)
+    mask = np.zeros(len(tokens), np.uint8)
+    mask[len(prompt):len(prompt) + len(answer)] = 1
+    return tokens, mask
+
+
+def smallest_document(tokenizer: Tokenizer, key_digits: int) -> int:
+    """Tokens of the shortest document (no filler) with a `key_digits`-digit key."""
+    key = "0" * key_digits
+    return (passkey.shortest_length(tokenizer, key_digits)
+            + len(tokenizer.encode(passkey.ANSWER.format(key=key))) + 1)
+
+
+class PasskeyWindows(Sequence):
+    """Random access to PassKey windows: item i = (tokens [seq_len + 1] int32, loss weights of
+    those tokens as targets [seq_len + 1] float32: 1 on answers, `text_weight` elsewhere).
+
+    Keys have `min_key_digits` (0: `key_digits`) to `key_digits` digits, uniformly; a share
+    `short_rate` of documents leave out the instruction. Both only shape training data: the
+    benchmark's documents are the defaults (whole prompts, `key_digits` digits).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, seed: int, split: str = "train",
+                 key_digits: int = 5, text_weight: float = 0.0, short_rate: float = 0.0,
+                 min_key_digits: int = 0):
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.split, self.key_digits, self.text_weight = SPLITS[split], key_digits, text_weight
+        self.short_rate, self.min_key_digits = short_rate, min_key_digits or key_digits
+        if smallest_document(tokenizer, key_digits) > seq_len + 1:
+            raise ValueError(f"a PassKey document needs at least "
+                             f"{smallest_document(tokenizer, key_digits)} tokens; seq_len "
+                             f"{seq_len} + 1 is shorter")
+
+    def __len__(self) -> int:
+        return WINDOWS
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < WINDOWS:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, self.split, i])
+        room = self.seq_len + 1
+        tokens, answers = [], []
+        while room:
+            digits = int(rng.integers(self.min_key_digits, self.key_digits + 1))
+            key = passkey.make_key(rng, digits)
+            instruction = bool(rng.random() >= self.short_rate)
+            depth = float(rng.random())
+            floor = passkey.fixed_tokens(self.tokenizer, key, instruction)
+            extra = len(self.tokenizer.encode(passkey.ANSWER.format(key=key))) + 1
+            if floor + extra > room:  # no whole document fits: the start of one more prompt
+                cut = passkey.build_prompt(self.tokenizer, max(floor, room), depth, key,
+                                           instruction).ids[:room]
+                tokens.append(cut)
+                answers.append(np.zeros(len(cut), np.uint8))
+                break
+            length = int(rng.integers(floor, room - extra + 1))
+            doc, answer = document(self.tokenizer, length, depth, key, instruction)
+            tokens.append(doc)
+            answers.append(answer)
+            room -= len(doc)
+        weights_T1 = np.where(np.concatenate(answers) == 1, 1.0, self.text_weight)
+        return np.concatenate(tokens).astype(np.int32), weights_T1.astype(np.float32)
+
+
+def check_passkey_config(data_cfg: ml_collections.ConfigDict, tok: Tokenizer) -> None:
+    """`data.passkey.*`: key lengths, loss weight and share of short documents in range, and a
+    window that holds a whole document."""
+    if "passkey" not in data_cfg:
+        raise ConfigError("config.data.passkey is missing; start configs from "
+                          "gigajax.config.base_config().")
+    pk = data_cfg.passkey
+    digits, least = pk.key_digits, pk.min_key_digits
+    if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 32:
+        raise ConfigError(f"config.data.passkey.key_digits={digits!r} is not allowed: use an "
+                          "integer from 1 to 32 (the PassKey benchmark uses 5).")
+    if not isinstance(least, int) or isinstance(least, bool) or not 0 <= least <= digits:
+        raise ConfigError(f"config.data.passkey.min_key_digits={least!r} is not allowed: use 0 "
+                          f"(every key has data.passkey.key_digits={digits} digits) or 1 to "
+                          f"{digits}.")
+    for field in ("text_weight", "short_rate"):
+        value = pk[field]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(f"config.data.passkey.{field}={value!r} is not allowed: use a "
+                              "number in [0, 1].")
+    need = smallest_document(tok, digits)
+    if data_cfg.seq_len + 1 < need:
+        raise ConfigError(f"config.data.seq_len={data_cfg.seq_len} is too short for PassKey: "
+                          f"a document without filler takes {need} tokens with "
+                          f"data.passkey.key_digits={digits}; use data.seq_len >= {need - 1} "
+                          "(256 or more leaves room for filler).")

@@ -1,0 +1,102 @@
+"""`gigajax eval ...` subcommands: passkey (retrieval over a length x depth grid).
+
+  gigajax eval passkey --checkpoint runs/passkey --lengths 512,1k,2k,4k \
+      --depths 0,0.25,0.5,0.75,1 --samples 10 --rope none,linear,yarn
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from gigajax.errors import GigajaxError
+
+
+def _overrides(rest: list[str]) -> list[str]:
+    from gigajax.cli import _split_overrides
+
+    return _split_overrides(rest)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar over grid cells on stderr (a no-op context when disabled)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from gigajax.train.logger import log_console
+
+    return Progress("[bold]passkey", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=log_console(stderr=True), disable=not enabled)
+
+
+def _passkey(args: argparse.Namespace, rest: list[str]) -> int:
+    from gigajax.eval import benchmark
+    from gigajax.eval.loading import load_trained
+
+    overrides = _overrides(rest)
+    lengths = benchmark.parse_lengths(args.lengths)
+    depths = benchmark.parse_depths(args.depths)
+    start = time.perf_counter()
+    trained = load_trained(args.checkpoint, overrides, args.step)
+    rs = trained.config.model.rope_scaling
+    ropes = benchmark.parse_ropes(args.rope, args.rope_factor, rs.type, rs.factor)
+    out_dir = args.output or (trained.workdir / "eval" if trained.workdir else None)
+    if out_dir is None:
+        raise GigajaxError(f"{trained.path} is not inside a training workdir: pass --output DIR "
+                           "for the results.")
+    longest = max(lengths)
+    if longest > trained.config.model.max_seq_len:
+        print(f"note: lengths up to {longest} exceed model.max_seq_len="
+              f"{trained.config.model.max_seq_len}: they test length extrapolation",
+              file=sys.stderr)
+    with _progress(not args.no_progress) as bar:
+        task = bar.add_task("passkey", total=len(ropes) * len(lengths) * len(depths))
+        result = benchmark.run_passkey(
+            trained, lengths, depths, ropes, samples=args.samples, seed=args.seed,
+            key_digits=args.key_digits, batch_size=args.batch_size,
+            progress=lambda k, total: bar.update(task, completed=k))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    json_path, png_path = benchmark.write_outputs(result, out_dir)
+    step = f" step {trained.step}" if trained.step is not None else ""
+    print(f"PassKey of {result['checkpoint']}{step}: {args.samples} samples per cell, seed "
+          f"{args.seed}, trained context {result['trained_context']}, "
+          f"{result['seconds']:.0f} s")
+    print(benchmark.format_table(result))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `gigajax eval` and its subcommands; each sets `handler(args, rest) -> exit code`."""
+    ev = commands.add_parser("eval", help="evaluate a trained checkpoint (PassKey)",
+                             description=__doc__.splitlines()[0])
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+    pk = sub.add_parser(
+        "passkey", help="PassKey retrieval accuracy over context lengths and needle depths",
+        description="Hide a random key at each depth of filler text of each length, ask for it, "
+                    "and score the greedy answers (right when they start with the key). Writes "
+                    "passkey.json and passkey.png (a heatmap per RoPE scaling) and prints a "
+                    "table. Extra --config.a.b=v overrides apply to the run's saved config.")
+    pk.add_argument("--checkpoint", required=True,
+                    help="a training workdir (its latest checkpoint), its checkpoints/ or one "
+                         "step directory, or a params checkpoint from `gigajax ckpt export`")
+    pk.add_argument("--step", type=int, help="which checkpoint of a workdir (default: latest)")
+    pk.add_argument("--lengths", required=True,
+                    help="prompt lengths in tokens, k = 1024: e.g. 512,1k,2k,4k")
+    pk.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                    help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    pk.add_argument("--samples", type=int, default=5, help="prompts per cell (default 5)")
+    pk.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    pk.add_argument("--key-digits", type=int, default=5,
+                    help="digits of the key (default 5, as in the PassKey benchmark)")
+    pk.add_argument("--rope", help="RoPE scalings to compare, e.g. none,linear,yarn (default: "
+                                   "the config's model.rope_scaling.type)")
+    pk.add_argument("--rope-factor",
+                    help="auto (length / trained context, >= 1) or a number >= 1 (default: auto "
+                         "with --rope, else the config's model.rope_scaling.factor)")
+    pk.add_argument("--batch-size", type=int, default=8,
+                    help="prompts decoded together (default 8)")
+    pk.add_argument("--output", help="directory for passkey.json and passkey.png (default: "
+                                     "<workdir>/eval)")
+    pk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pk.set_defaults(handler=_passkey)

@@ -1,0 +1,83 @@
+"""A trained model for evaluation: the params of one checkpoint on one device, and its run's
+config with command-line overrides on top.
+
+`--checkpoint` may name a training workdir, its `checkpoints/` directory (the latest step, or
+`step`), one step directory, or a params checkpoint written by `gigajax ckpt export|average`.
+Only the `params` subtree is read (`train/ckpt_tools.py`: no optimizer state, no mesh). The
+config is the one saved with the checkpoint (its `meta`), else the workdir's `config.json`;
+overrides such as `--config.model.rope_scaling.type=yarn` change the model built around the
+params, never their shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from gigajax.config import ModelConfig, apply_override, base_config, validate
+from gigajax.errors import GigajaxError
+from gigajax.model import Decoder
+from gigajax.sharding import abstract_model
+from gigajax.train import ckpt_tools
+from gigajax.train.checkpoint import shape_mismatch, tree_shapes
+
+
+@dataclasses.dataclass
+class Trained:
+    """What a checkpoint holds for evaluation."""
+
+    params: dict  # nnx.to_pure_dict layout, arrays on the default device
+    config: ml_collections.ConfigDict  # the run's config, overrides applied, validated
+    saved_config: dict  # the run's config as saved (before overrides)
+    step: int | None  # the training step (None for an averaged params checkpoint)
+    path: Path  # the step or params directory read
+    workdir: Path | None  # the training workdir, when the checkpoint lies in one
+
+
+def load_trained(checkpoint: str | Path, overrides: list[str] = (), step: int | None = None
+                 ) -> Trained:
+    """Read the params and config of `checkpoint` (see the module docstring)."""
+    found = ckpt_tools.read_params(checkpoint, step)
+    if found.config is None:
+        raise GigajaxError(f"{found.path} holds no config (meta has none and there is no "
+                           "config.json beside it): cannot tell which model the params are.")
+    cfg = config_with_overrides(found.config, overrides)
+    device = jax.devices()[0]
+    params = jax.tree.map(lambda x: jax.device_put(x, device), found.params)
+    return Trained(params, cfg, found.config, found.step, found.path, found.workdir)
+
+
+def config_with_overrides(saved: dict, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """The saved config over today's defaults (fields added since keep their default), with
+    `--config.a.b=v` overrides applied, validated."""
+    cfg = base_config()
+    cfg.update(saved)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def build_model(params: dict, cfg: ml_collections.ConfigDict) -> Decoder:
+    """The Decoder of `cfg.model` holding `params`; raises GigajaxError if the shapes differ
+    (an override changed the model's size)."""
+    graphdef, abstract = abstract_model(
+        lambda: Decoder(ModelConfig.from_config(cfg), rngs=nnx.Rngs(0)))
+    wanted = nnx.to_pure_dict(abstract)
+    if problem := shape_mismatch(tree_shapes(params), tree_shapes(wanted), what="checkpoint"):
+        raise GigajaxError(f"the checkpoint's params do not fit the model of the config: "
+                           f"{problem}. Overrides may change how the model runs (RoPE scaling, "
+                           "dtype, attention), not its sizes.")
+    nnx.replace_by_pure_dict(abstract, params)
+    with nnx.use_eager_sharding(False):  # one device: sharding names stay metadata
+        return nnx.merge(graphdef, abstract)
+
+
+def trained_context(saved: dict[str, Any]) -> int:
+    """The context length a run trained at: its data.seq_len."""
+    return int(saved.get("data", {}).get("seq_len") or base_config().data.seq_len)
