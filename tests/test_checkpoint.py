@@ -420,3 +420,6 @@ def test_init_from_starts_step_0_from_checkpoint_params_on_another_layout(run, t
         initial_state(other, str(workdir), [])
     with pytest.raises(GigajaxError, match="train.init_from .*nope does not exist"):
         initial_state(builder, str(tmp_path / "nope"), [])
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(GigajaxError, match="train.init_from .*empty: .*holds no checkpoint"):
+        initial_state(builder, str(tmp_path / "empty"), [])

@@ -237,6 +237,40 @@ def test_cli_writes_json_and_heatmap_and_prints_a_table(trained_run, tmp_path, c
     assert "RoPE as trained" in printed and "YaRN, factor length/200" in printed
 
 
+def test_each_length_runs_under_the_factor_it_reports(trained_run, monkeypatch):
+    """The model built per length has the RoPE scaling the JSON reports: auto factor = length /
+    trained context (>= 1), original context = the trained one."""
+    from gigajax.eval import benchmark
+
+    built = []
+
+    def recording(params, cfg):
+        built.append(dict(cfg.model.rope_scaling))
+        return build_model(params, cfg)
+
+    monkeypatch.setattr(benchmark, "build_model", recording)
+    result = benchmark.run_passkey(load_trained(trained_run), [200, 300], [0.5],
+                                   [benchmark.Rope("yarn", None)], samples=1)
+    assert result["runs"][0]["factors"] == [1.0, 1.5]
+    assert [(b["type"], b["factor"], b["original_max_seq_len"]) for b in built] == [
+        ("yarn", 1.0, 200), ("yarn", 1.5, 200)]
+
+
+def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(trained_run, tmp_path):
+    """train.init_from only starts a run: here it names nothing, and the finished run resumes
+    from its own step 2 without reading it."""
+    import shutil
+
+    from gigajax.config import load_config
+    from gigajax.train.loop import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
+    cfg = load_config(ROOT / "configs" / "passkey_tiny.py",
+                      [*TINY_RUN, f"--config.train.init_from={tmp_path / 'nope'}"])
+    assert train(cfg, workdir, progress=False)["step"] == 2
+
+
 def test_the_model_is_the_checkpoint_whichever_directory_names_it(trained_run, tmp_path):
     from gigajax.train.ckpt_tools import export
 
@@ -264,6 +298,9 @@ def test_the_model_is_the_checkpoint_whichever_directory_names_it(trained_run, t
     ({"--lengths": "2q"}, "'2q' is not a token count"),
     ({"--rope": "ntk"}, "'ntk' is not a RoPE scaling"),
     ({"--rope-factor": "0.5"}, "--rope-factor '0.5'"),
+    ({"--rope-factor": "inf"}, "--rope-factor 'inf'"),
+    ({"--rope-factor": "2"}, "--rope-factor 2 scales nothing"),
+    ({"--lengths": "256,inf"}, "'inf' is not a token count"),
     ({"--step": "7"}, "no checkpoint of step 7"),
     ({"--config.model.d_model=64": None}, "do not fit the model"),
     ({"--config.model.rope_scaling.type=pi": None}, "model.rope_scaling.type='pi'"),

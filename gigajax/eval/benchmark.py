@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ def parse_lengths(text: str) -> list[int]:
             value = float(item[:-1]) * 1024 if item.endswith("k") else float(item)
         except ValueError:
             value = 0.0
-        if value < 1 or value != int(value):
+        if not math.isfinite(value) or value < 1 or value != int(value):
             raise GigajaxError(f"--lengths {text!r}: {item!r} is not a token count; write whole "
                                "numbers or multiples of 1k = 1024 tokens, e.g. 512,1k,2k,4k.")
         lengths.append(int(value))
@@ -72,7 +73,7 @@ def parse_depths(text: str) -> list[float]:
         depths = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         depths = []
-    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):  # (NaN fails too)
         raise GigajaxError(f"--depths {text!r}: give comma-separated needle depths in [0, 1] "
                            "(0: right after the instruction, 1: just before the question), "
                            "e.g. 0,0.25,0.5,0.75,1.")
@@ -97,9 +98,12 @@ def parse_ropes(types: str | None, factor: str | None, config_type: str,
             value = float(factor)
         except ValueError:
             value = 0.0
-        if not value >= 1.0:
+        if not (math.isfinite(value) and value >= 1.0):
             raise GigajaxError(f"--rope-factor {factor!r}: use auto (length / trained context) "
-                               "or a number >= 1.")
+                               "or a finite number >= 1.")
+    if names == ["none"] and value not in (None, 1.0):
+        raise GigajaxError(f"--rope-factor {factor} scales nothing: the run has no RoPE scaling; "
+                           "say which with --rope linear or --rope yarn (or both).")
     return [Rope(name, value) for name in dict.fromkeys(names)]
 
 

@@ -73,7 +73,9 @@ def build_model(params: dict, cfg: ml_collections.ConfigDict) -> Decoder:
         raise GigajaxError(f"the checkpoint's params do not fit the model of the config: "
                            f"{problem}. Overrides may change how the model runs (RoPE scaling, "
                            "dtype, attention), not its sizes.")
-    nnx.replace_by_pure_dict(abstract, params)
+    # as training's init_from does: a bf16 export runs with the config's fp32 params
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda x, w: x.astype(w.dtype), params,
+                                                    wanted))
     with nnx.use_eager_sharding(False):  # one device: sharding names stay metadata
         return nnx.merge(graphdef, abstract)
 

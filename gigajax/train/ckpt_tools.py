@@ -147,11 +147,19 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
                            "--workdir of `gigajax train`) or a checkpoint directory in it.")
     workdir = path if (path / "checkpoints").is_dir() else (
         path.parent if path.name == "checkpoints" else None)
+    verified = workdir is not None  # step_directory checks the checksums
     if workdir is not None:
-        directory = step_directory(workdir, step)
+        try:
+            directory = step_directory(workdir, step)
+        except GigajaxError as error:  # no checkpoint yet, no such step, corrupt: say which flag
+            raise type(error)(f"{flag} {checkpoint}: {error} Pass a run that has saved a "
+                              "checkpoint (or its step or params directory).") from None
     elif _is_step_dir(path) or _is_params_dir(path):
         if step is not None and _is_step_dir(path) and int(path.name) != step:
             raise GigajaxError(f"--step {step} but {path} is the checkpoint of step {path.name}")
+        if step is not None and _is_params_dir(path):
+            raise GigajaxError(f"--step {step}: {path} is a params checkpoint, which holds one "
+                               "set of params; leave --step out.")
         directory = path
         if _is_step_dir(path) and path.parent.name == "checkpoints":
             workdir = path.parent.parent
@@ -161,7 +169,7 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
             "checkpoints/ directory, a step directory (state/ and meta/) or a params checkpoint "
             "(params/ and meta/, from `gigajax ckpt export`).")
     if _is_step_dir(directory):
-        if reason := verify_checksums(directory):
+        if not verified and (reason := verify_checksums(directory)):
             raise CorruptCheckpoint(f"checkpoint {directory} is corrupt: {reason}")
         params, meta = train_params(directory)
         at_step = int(meta.get("step", directory.name))

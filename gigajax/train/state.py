@@ -86,8 +86,9 @@ class StateBuilder:
                                "scaling, max_seq_len, dtype, attention), not its sizes.")
 
         def place(want: jax.ShapeDtypeStruct, value: np.ndarray) -> jax.Array:
-            value = np.asarray(value).astype(want.dtype)  # each process puts only its shards
-            return jax.make_array_from_callback(want.shape, want.sharding, lambda i: value[i])
+            # each process casts and puts only its own shards (no second full copy on a host)
+            return jax.make_array_from_callback(
+                want.shape, want.sharding, lambda i: np.asarray(value[i], want.dtype))
 
         params = jax.tree.map(lambda x: x, abstract)  # a copy of the State to fill
         nnx.replace_by_pure_dict(params, jax.tree.map(place, wanted, pure))
