@@ -117,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for trained, scalings, titles in evaluated:
-        result = benchmark.run_passkey(trained, lengths, depths, scalings, samples=args.samples)
-        for run, title in zip(result["runs"], titles, strict=True):
-            runs.append({**run, "title": title, "checkpoint": result["checkpoint"],
-                         "step": result["step"]})
+        scored = benchmark.run_passkey(trained, lengths, depths, scalings, samples=args.samples)
+        for run, title in zip(scored["runs"], titles, strict=True):
+            runs.append({**run, "title": title, "checkpoint": scored["checkpoint"],
+                         "step": scored["step"]})
     result = {"benchmark": "passkey_extension", "lengths": lengths, "depths": depths,
-              "samples": args.samples, "seed": 0, "key_digits": 5, "step": base.step,
+              "samples": args.samples, "seed": scored["seed"],
+              "key_digits": scored["key_digits"], "step": base.step,
               "trained_context": base_cfg.data.seq_len, "factor": args.factor,
               "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
               "finetune_final_loss": {m: s.get("loss") for m, s in finetunes.items()},

@@ -251,3 +251,16 @@ def test_model_vocab_smaller_than_the_data_is_a_config_error(tmp_path):
             "--config.data.source=prepared", f"--config.data.path={tmp_path / 'd'}",
             "--config.model.vocab_size=280", "--config.data.seq_len=2",
             "--config.data.batch_size=2"])
+
+
+def test_the_run_tokenizer_is_the_manifests_unless_set(tmp_path):
+    """data_tokenizer (used by `gigajax eval` to read a run's prompts): the prepared data's
+    manifest's tokenizer for auto, data.tokenizer when set, byte for the generated sources."""
+    directory = write_prepared(tmp_path / "d", random_docs(np.random.default_rng(0), 3))
+    manifest_spec = store.read_manifest(directory)["tokenizer"]["spec"]
+    assert manifest_spec == "byte"
+    tok = pipeline.data_tokenizer(data_cfg(path=str(directory)))
+    assert tok.fingerprint() == TOK.fingerprint()
+    assert pipeline.data_tokenizer(data_cfg(source="passkey")).fingerprint() == TOK.fingerprint()
+    with pytest.raises(ConfigError, match="data.tokenizer=.nope."):  # the set one is used
+        pipeline.data_tokenizer(data_cfg(path=str(directory), tokenizer="nope"))

@@ -386,6 +386,14 @@ def _generated_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     return get_tokenizer("byte" if data_cfg.tokenizer == "auto" else data_cfg.tokenizer)
 
 
+def data_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer a run with `data_cfg` trains with: data.tokenizer when set, else byte for
+    the sources that tokenize text themselves, else the prepared data's (first) manifest's."""
+    if data_cfg.tokenizer != "auto" or data_cfg.source in ("stdlib", "passkey"):
+        return _generated_tokenizer(data_cfg)
+    return get_tokenizer(store.read_manifest(parse_mixture(data_cfg)[0][0])["tokenizer"]["spec"])
+
+
 def build_datasets(
     data_cfg: ml_collections.ConfigDict,
     seed: int,

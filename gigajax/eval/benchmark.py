@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from gigajax.config import ROPE_SCALINGS
-from gigajax.data.tokenizer import Tokenizer, get_tokenizer
+from gigajax.data.pipeline import data_tokenizer
+from gigajax.data.tokenizer import Tokenizer
 from gigajax.errors import GigajaxError
 from gigajax.eval import passkey
 from gigajax.eval.loading import Trained, build_model, trained_context
@@ -107,21 +108,6 @@ def parse_ropes(types: str | None, factor: str | None, config_type: str,
     return [Rope(name, value) for name in dict.fromkeys(names)]
 
 
-def eval_tokenizer(trained: Trained) -> Tokenizer:
-    """The tokenizer the run trained with: data.tokenizer, else byte for generated sources,
-    else the prepared data's manifest's."""
-    data = trained.config.data
-    if data.tokenizer != "auto":
-        return get_tokenizer(data.tokenizer)
-    if data.source in ("stdlib", "passkey"):
-        return get_tokenizer("byte")
-    from gigajax.data.pipeline import parse_mixture
-    from gigajax.data.store import read_manifest
-
-    directory = parse_mixture(data)[0][0]
-    return get_tokenizer(read_manifest(directory)["tokenizer"]["spec"])
-
-
 def original_context(trained: Trained) -> int:
     """The context RoPE scaling stretches from (module docstring)."""
     rs = trained.config.model.rope_scaling
@@ -170,7 +156,7 @@ def run_passkey(trained: Trained, lengths: Sequence[int], depths: Sequence[float
     if min(samples, batch_size, key_digits) < 1:
         raise GigajaxError(f"--samples {samples}, --batch-size {batch_size} and --key-digits "
                            f"{key_digits} must be >= 1.")
-    tokenizer = eval_tokenizer(trained)
+    tokenizer = data_tokenizer(trained.config.data)
     check_lengths(lengths, tokenizer, key_digits)
     original = original_context(trained)
     cells, done = len(ropes) * len(lengths) * len(depths), 0

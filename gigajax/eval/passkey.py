@@ -81,8 +81,6 @@ def build_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str,
 def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, sample: int = 0,
                 key_digits: int = 5) -> Prompt:
     """The prompt of `length` tokens with a `key_digits`-digit key at `depth` of the filler."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth {depth} must lie in [0, 1]")
     rng = np.random.default_rng([seed, length, int(round(depth * 1e6)), sample])
     return build_prompt(tokenizer, length, depth, make_key(rng, key_digits))
 
