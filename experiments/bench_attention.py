@@ -53,7 +53,7 @@ from rich.table import Table
 from gigajax.config import compute_dtype
 from gigajax.ops.attention import blockwise_attention, reference_attention
 from gigajax.ops.ring import ring_attention
-from gigajax.plan import memory_of
+from gigajax.plan.planner import memory_of
 from gigajax.train.logger import log_console
 
 IMPLS = ("reference", "blockwise", "xla", "cudnn", "ring")

@@ -56,10 +56,10 @@ import numpy as np  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gigajax.config import ModelConfig, load_config  # noqa: E402
-from gigajax.distributed import place_batch  # noqa: E402
 from gigajax.errors import GigajaxError  # noqa: E402
-from gigajax.mesh import make_mesh, sequence_permutation  # noqa: E402
-from gigajax.plan import abstract_batch  # noqa: E402
+from gigajax.parallel.mesh import make_mesh, sequence_permutation  # noqa: E402
+from gigajax.parallel.multihost import place_batch  # noqa: E402
+from gigajax.plan.planner import abstract_batch  # noqa: E402
 from gigajax.train.flops import flops_per_token, peak_flops_per_device  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gigajax.checkpoint.manager import Checkpointer, verify_checksums, write_checksums
 from gigajax.config import load_config
-from gigajax.mesh import make_mesh
-from gigajax.train.checkpoint import Checkpointer, verify_checksums, write_checksums
+from gigajax.parallel.mesh import make_mesh
 from gigajax.train.optim import make_optimizer
 from gigajax.train.state import StateBuilder, layout_for
 

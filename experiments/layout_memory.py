@@ -29,10 +29,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from gigajax.check_layouts import layout_config, layout_name, parse_layouts  # noqa: E402
 from gigajax.config import load_config  # noqa: E402
-from gigajax.mesh import make_mesh  # noqa: E402
-from gigajax.plan import abstract_batch, memory_of  # noqa: E402
+from gigajax.parallel.mesh import make_mesh  # noqa: E402
+from gigajax.plan.layouts import layout_config, layout_name, parse_layouts  # noqa: E402
+from gigajax.plan.planner import abstract_batch, memory_of  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 

@@ -24,13 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from gigajax.cli import simulate_cpu_devices
-from gigajax.config import load_config
+import gigajax
+from gigajax.checkpoint import params as params_checkpoint
 from gigajax.eval import benchmark
-from gigajax.eval.loading import load_trained
-from gigajax.mesh import fixed_device_count
-from gigajax.train import ckpt_tools
-from gigajax.train.loop import train
+from gigajax.infer.loading import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"linear": "PI", "yarn": "YaRN"}
@@ -85,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = time.perf_counter()
 
-    base_cfg = load_config(args.config, args.set)
-    simulate_cpu_devices(fixed_device_count(base_cfg.mesh))  # as `gigajax train` does
+    base_cfg = gigajax.load_config(args.config, *args.set)
     saved = Path(args.base, "checkpoints")
-    if not saved.is_dir() or base_cfg.train.steps not in ckpt_tools.checkpoint_steps(args.base):
+    if (not saved.is_dir()
+            or base_cfg.train.steps not in params_checkpoint.checkpoint_steps(args.base)):
         print(f"training the base run {args.base} to step {base_cfg.train.steps}",
               file=sys.stderr)
-        train(base_cfg, args.base, progress=False)
-    base_dir = ckpt_tools.step_directory(args.base, base_cfg.train.steps)
+        gigajax.train(base_cfg, args.base, progress=False)
+    base_dir = params_checkpoint.step_directory(args.base, base_cfg.train.steps)
     batch = args.finetune_batch or max(1, base_cfg.data.batch_size // args.factor)
 
     evaluated = []  # (trained model, its RoPE scalings, panel titles)
@@ -103,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     finetunes = {}
     for method in methods:
         workdir = out / "runs" / f"{method}_x{args.factor}"
-        cfg = load_config(args.config, [*args.set, *finetune_overrides(
+        cfg = gigajax.load_config(args.config, *args.set, *finetune_overrides(
             base_cfg, method, args.factor, args.finetune_steps, args.finetune_lr, batch,
-            base_dir)])
+            base_dir))
         print(f"fine-tuning {workdir}: {method} x{args.factor} at {cfg.data.seq_len} tokens, "
               f"{args.finetune_steps} steps", file=sys.stderr)
-        finetunes[method] = train(cfg, workdir, progress=False)
+        finetunes[method] = gigajax.train(cfg, workdir, progress=False).summary
         tuned = load_trained(workdir)
         rope = benchmark.Rope(method, float(args.factor))
         evaluated.append((tuned, [rope], [

@@ -1,13 +1,5 @@
-"""Causal ring attention: each device's work at each ring step, per layout, and the critical path.
-
-At ring step i device r attends its queries to the K/V block that started on device r - i; the
-ring advances in lock step, so a step lasts as long as its busiest device, and the critical path
-is the sum over steps of the largest per-device work. Work is counted two ways from the layout
-permutation itself (`gigajax.ops.layouts`), nothing is timed:
-
-  pairs   allowed (query, key) pairs under the causal mask: the ideal, mask-exact kernel
-  tiles   block_q x block_kv tiles with any allowed pair: what the blockwise kernel computes
-          (it skips wholly masked tiles)
+"""Causal ring attention: each device's work at each ring step, per layout, and the critical path
+(`gigajax/plan/schedule.py` counts it; nothing is timed), as a table, JSON and CSV.
 
     python experiments/ring_schedule.py --output runs/ring_schedule.json
 
@@ -21,27 +13,11 @@ import csv
 import json
 import os
 
-import numpy as np
 from rich.table import Table
 
-from gigajax.ops.layouts import SEQUENCE_LAYOUTS, layout_permutation
+from gigajax.ops.layouts import SEQUENCE_LAYOUTS
+from gigajax.plan.schedule import step_work, summary
 from gigajax.train.logger import log_console
-
-
-def step_work(n: int, tokens_per_device: int, layout: str, block: int) -> dict[str, np.ndarray]:
-    """Work [step, device] in allowed pairs and in non-empty tiles."""
-    seq_len = n * tokens_per_device
-    shards = layout_permutation(seq_len, n, layout).reshape(n, tokens_per_device)
-    pairs, tiles = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
-    tiles_per_side = tokens_per_device // block
-    for step in range(n):
-        for device in range(n):
-            q, kv = shards[device], shards[(device - step) % n]
-            allowed = kv[None, :] <= q[:, None]  # [Tq, Tk] causal
-            pairs[step, device] = allowed.sum()
-            tiled = allowed.reshape(tiles_per_side, block, tiles_per_side, block)
-            tiles[step, device] = tiled.any(axis=(1, 3)).sum()
-    return {"pairs": pairs, "tiles": tiles}
 
 
 def main() -> None:
@@ -56,14 +32,11 @@ def main() -> None:
     for n in (int(x) for x in args.devices.split(",")):
         works = {layout: step_work(n, args.tokens_per_device, layout, args.block)
                  for layout in SEQUENCE_LAYOUTS}
-        base = {unit: works["contiguous"][unit].max(axis=1).sum() for unit in ("pairs", "tiles")}
         for layout, work in works.items():
             row = {"devices": n, "layout": layout}
             for unit, w in work.items():
-                critical = int(w.max(axis=1).sum())
-                row[f"{unit}_critical_path"] = critical
-                row[f"{unit}_speedup_vs_contiguous"] = float(base[unit] / critical)
-                row[f"{unit}_busy_fraction"] = float(w.sum() / (n * critical))  # 1 = no idling
+                for key, value in summary(w, works["contiguous"][unit]).items():
+                    row[f"{unit}_{key}"] = value
                 row[f"{unit}_per_step_max"] = w.max(axis=1).tolist()
                 row[f"{unit}_per_step_min"] = w.min(axis=1).tolist()
             rows.append(row)

@@ -31,13 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gigajax.config import ModelConfig, load_config  # noqa: E402
-from gigajax.mesh import SEQUENCE_AXES, make_mesh  # noqa: E402
 from gigajax.model.block import Block  # noqa: E402
 from gigajax.model.rope import rope_cos_sin, rope_frequencies  # noqa: E402
-from gigajax.sharding import (  # noqa: E402
+from gigajax.parallel.mesh import SEQUENCE_AXES, make_mesh  # noqa: E402
+from gigajax.parallel.rules import make_layout  # noqa: E402
+from gigajax.parallel.shardings import (  # noqa: E402
     abstract_model,
     activation_rules,
-    make_layout,
     param_shardings,
 )
 from gigajax.train.logger import log_console  # noqa: E402

@@ -35,13 +35,13 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gigajax.check_layouts import layout_config, layout_name, parse_layouts  # noqa: E402
 from gigajax.config import load_config  # noqa: E402
 from gigajax.data.pipeline import build_datasets  # noqa: E402
-from gigajax.distributed import place_batch  # noqa: E402
 from gigajax.errors import GigajaxError  # noqa: E402
-from gigajax.mesh import make_mesh, sequence_permutation  # noqa: E402
-from gigajax.plan import abstract_batch, memory_of, plan  # noqa: E402
+from gigajax.parallel.mesh import make_mesh, sequence_permutation  # noqa: E402
+from gigajax.parallel.multihost import place_batch  # noqa: E402
+from gigajax.plan.layouts import layout_config, layout_name, parse_layouts  # noqa: E402
+from gigajax.plan.planner import abstract_batch, memory_of, plan  # noqa: E402
 from gigajax.train.logger import log_console  # noqa: E402
 from gigajax.train.loop import build_training  # noqa: E402
 

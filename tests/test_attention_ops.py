@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gigajax.config import schema
 from gigajax.errors import ConfigError
 from gigajax.ops.attention import (
     ATTENTION_IMPLS,
@@ -17,6 +18,7 @@ from gigajax.ops.attention import (
     dot_product_attention,
     reference_attention,
 )
+from gigajax.parallel.checks import check_backend
 
 # Each case: shapes (B, T, S, H, K, E), mask kwargs, block sizes. Lengths 37 and 50 are not
 # multiples of the blocks; blocks of 64 > 24 check clipping to the length.
@@ -265,10 +267,16 @@ def test_dispatcher_xla_grads_match_blockwise(name):
 
 
 def test_dispatcher_rejects_cudnn_off_gpu_and_unknown_impls():
+    """The op raises plain ValueErrors about its arguments; the config field errors come from
+    validation (`attention.impl`) and the backend check of a run."""
     (q, k, v, *_), kwargs, _, _ = make_case("causal_mha_one_block")
-    assert ATTENTION_IMPLS == ("reference", "blockwise", "xla", "cudnn")
+    assert ATTENTION_IMPLS == schema.ATTENTION_IMPLS  # the config offers what the op runs
     if jax.default_backend() != "gpu":
-        with pytest.raises(ConfigError, match=r"attention\.impl.*'blockwise'"):
+        with pytest.raises(ValueError, match=r"cudnn.*GPU.*'blockwise'"):
             dot_product_attention(q, k, v, impl="cudnn", **kwargs)
-    with pytest.raises(ConfigError, match=r"attention\.impl='flash'.*'xla'"):
+        cfg = schema.base_config()
+        cfg.attention.impl = "cudnn"
+        with pytest.raises(ConfigError, match=r"attention\.impl='cudnn' needs a GPU"):
+            check_backend(cfg)
+    with pytest.raises(ValueError, match=r"'flash' is not one of"):
         dot_product_attention(q, k, v, impl="flash", **kwargs)

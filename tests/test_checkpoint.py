@@ -22,12 +22,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gigajax import cli
-from gigajax.check_layouts import layout_config, parse_layouts
+from gigajax.checkpoint.manager import CHECKSUMS, Checkpointer
+from gigajax.checkpoint.params import average, export, load_params
 from gigajax.config import load_config
 from gigajax.errors import GigajaxError
-from gigajax.mesh import make_mesh
-from gigajax.train.checkpoint import CHECKSUMS, Checkpointer
-from gigajax.train.ckpt_tools import average, export, load_params
+from gigajax.parallel.mesh import make_mesh
+from gigajax.plan.layouts import layout_config, parse_layouts
 from gigajax.train.optim import make_optimizer
 from gigajax.train.state import StateBuilder, layout_for
 
@@ -331,7 +331,7 @@ jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_
 from pathlib import Path
 import numpy as np
 from jax.experimental import multihost_utils
-from gigajax.train.checkpoint import Checkpointer
+from gigajax.checkpoint.manager import Checkpointer
 
 mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
 sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))

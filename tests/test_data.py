@@ -1,9 +1,9 @@
 """Data: byte tokenizer, stdlib corpus split, and the grain windowed batch pipeline."""
 
-import ml_collections
 import numpy as np
 import pytest
 
+from gigajax.config import base_config
 from gigajax.data import pipeline, stdlib_corpus
 from gigajax.data.tokenizer import ByteTokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError
@@ -19,19 +19,10 @@ def train_tokens():
 
 
 def _data_cfg(**overrides):
-    cfg = ml_collections.ConfigDict(
-        {
-            "source": "stdlib",
-            "tokenizer": "byte",
-            "seq_len": 64,
-            "batch_size": 4,
-            "val_fraction": 0.1,
-            "max_bytes": MAX_BYTES,
-            "path": "",
-            "mixture": "",
-            "fim_rate": 0.0,
-        }
-    )
+    """A `data` section of the default config with these fields."""
+    cfg = base_config().data
+    cfg.update(dict(source="stdlib", tokenizer="byte", seq_len=64, batch_size=4, val_fraction=0.1,
+                    max_bytes=MAX_BYTES, path="", mixture="", fim_rate=0.0))
     cfg.update(overrides)
     return cfg
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gigajax.config import ModelConfig, load_config
-from gigajax.generate import greedy_generate, greedy_generate_batch
+from gigajax.infer.generate import generate, generate_batch
 from gigajax.model import Decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,13 +44,13 @@ def test_prefill_then_steps_match_the_full_forward(overrides):
 def test_greedy_generation_equals_argmax_of_full_recomputation():
     m = model()
     prompt = np.asarray(jax.random.randint(jax.random.key(2), (15,), 0, 300))
-    got = greedy_generate(m, prompt, 8)
+    got = generate(m, prompt, 8)
     ids = list(prompt)
     for _ in range(8):
         ids.append(int(jnp.argmax(m(jnp.asarray(ids)[None])[0, -1])))
     np.testing.assert_array_equal(got, ids[len(prompt):])
     first = int(got[0])
-    assert list(greedy_generate(m, prompt, 8, eos_id=first)) == [first]  # stops at EOS
+    assert list(generate(m, prompt, 8, eos_id=first)) == [first]  # stops at EOS
 
 
 def test_chunked_prefill_and_batches_equal_one_prompt_at_a_time():
@@ -58,6 +58,6 @@ def test_chunked_prefill_and_batches_equal_one_prompt_at_a_time():
     same tokens as whole-prompt prefill, prompt by prompt."""
     m = model("--config.model.n_kv_heads=1")
     prompts_BT = np.asarray(jax.random.randint(jax.random.key(3), (3, 15), 0, 300))
-    want = np.stack([greedy_generate(m, p, 6, prefill_chunk=64) for p in prompts_BT])
-    np.testing.assert_array_equal(greedy_generate_batch(m, prompts_BT, 6, prefill_chunk=6), want)
-    np.testing.assert_array_equal(greedy_generate(m, prompts_BT[0], 6, prefill_chunk=4), want[0])
+    want = np.stack([generate(m, p, 6, prefill_chunk=64) for p in prompts_BT])
+    np.testing.assert_array_equal(generate_batch(m, prompts_BT, 6, prefill_chunk=6), want)
+    np.testing.assert_array_equal(generate(m, prompts_BT[0], 6, prefill_chunk=4), want[0])

@@ -12,22 +12,22 @@ import jax
 import numpy as np
 import pytest
 
-from gigajax.check_layouts import (
+from gigajax.checkpoint.manager import Checkpointer
+from gigajax.config import load_config
+from gigajax.data.pipeline import build_datasets
+from gigajax.errors import ConfigError, GigajaxError
+from gigajax.parallel.mesh import make_mesh
+from gigajax.parallel.multihost import place_batch
+from gigajax.parallel.rules import Layout, make_layout
+from gigajax.plan.equivalence import (
     GRAD_RTOL,
     LOSS_RTOL,
     check_layouts,
-    layout_config,
     max_relative_difference,
-    parse_layouts,
     run_layout,
 )
-from gigajax.config import load_config
-from gigajax.data.pipeline import build_datasets
-from gigajax.distributed import place_batch
-from gigajax.errors import ConfigError, GigajaxError
-from gigajax.mesh import make_mesh
-from gigajax.sharding import Layout, make_layout
-from gigajax.train.checkpoint import Checkpointer
+from gigajax.plan.layouts import layout_config, parse_layouts
+from gigajax.train.logger import log_console
 from gigajax.train.loop import build_training
 from gigajax.train.optim import make_optimizer
 from gigajax.train.state import StateBuilder
@@ -256,7 +256,7 @@ def test_layout_strings_are_checked():
 
 def test_check_layouts_table(tmp_path, capsys):
     rows = check_layouts(tiny_test_config(), parse_layouts("tensor=2,data=4"), steps=2,
-                         output=tmp_path / "rows.json")
+                         output=tmp_path / "rows.json", console=log_console())
     assert [r["layout"] for r in rows] == ["1 device", "tensor=2,data=4"]
     assert all(r["ok"] for r in rows) and (tmp_path / "rows.json").exists()
     assert "tensor=2,data=4" in capsys.readouterr().out

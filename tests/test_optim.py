@@ -8,8 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
+from gigajax.config import base_config, validate
 from gigajax.errors import ConfigError
 from gigajax.train.optim import decay_mask, make_optimizer
+from gigajax.train.preflight import notes
 
 V, D, C, L = 16, 8, 4, 3  # vocab, model dim, classes, stacked layers
 
@@ -170,30 +172,46 @@ def test_bfloat16_moment_dtype_sets_mu_dtype(name):
 
 
 @pytest.mark.parametrize(
-    "field,value,total_steps",
+    "field,value",
     [
-        ("name", "sgd", 10),
-        ("schedule", "step", 10),
-        ("moment_dtype", "float16", 10),
-        ("lr", 0.0, 10),
-        ("lr", -1e-3, 10),
-        ("warmup_steps", -1, 10),
-        ("warmup_steps", 11, 10),
-        ("min_lr_ratio", 1.5, 10),
-        ("min_lr_ratio", -0.1, 10),
-        ("clip_norm", -1.0, 10),
-        ("weight_decay", -0.1, 10),
+        ("name", "sgd"),
+        ("schedule", "step"),
+        ("moment_dtype", "float16"),
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("warmup_steps", -1),
+        ("min_lr_ratio", 1.5),
+        ("min_lr_ratio", -0.1),
+        ("clip_norm", -1.0),
+        ("weight_decay", -0.1),
     ],
 )
-def test_bad_config_raises_config_error_naming_field(field, value, total_steps):
-    with pytest.raises(ConfigError, match=rf"optim\.{field} = {value!r}"):
-        make_optimizer(optim_cfg(**{field: value}), total_steps=total_steps)
+def test_bad_config_raises_config_error_naming_field(field, value):
+    cfg = base_config()
+    cfg.optim[field] = value
+    with pytest.raises(ConfigError, match=rf"optim\.{field}={value!r}"):
+        validate(cfg)
 
 
-@pytest.mark.parametrize("total_steps", [0, -5])
-def test_nonpositive_total_steps_raises_config_error(total_steps):
+@pytest.mark.parametrize("steps", [0, -5])
+def test_nonpositive_total_steps_raises_config_error(steps):
+    cfg = base_config()
+    cfg.train.steps = steps
     with pytest.raises(ConfigError, match=r"train\.steps"):
-        make_optimizer(optim_cfg(warmup_steps=0), total_steps=total_steps)
+        validate(cfg)
+
+
+def test_a_warmup_longer_than_the_run_warms_up_over_the_whole_run():
+    """optim.warmup_steps=30 with train.steps=10: accepted, peak LR reached at the last step."""
+    cfg = base_config()
+    cfg.optim.update(warmup_steps=30, lr=1e-2, schedule="constant")
+    cfg.train.steps = 10
+    validate(cfg)
+    assert notes(cfg) == ["optim.warmup_steps=30 is longer than train.steps=10: warming up "
+                          "over all 10 steps"]
+    _, schedule = make_optimizer(cfg.optim, total_steps=10)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10)], [0.0, 5e-3, 1e-2],
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("clip", [0.0, None])

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from gigajax import cli
-from gigajax.data import pipeline
+from gigajax.data import pipeline, synthetic
 from gigajax.data.synthetic import PasskeyWindows
 from gigajax.data.tokenizer import ByteTokenizer
 from gigajax.errors import ConfigError
 from gigajax.eval import passkey
-from gigajax.eval.loading import build_model, load_trained
+from gigajax.infer.loading import build_model, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
@@ -28,30 +28,30 @@ TOK = ByteTokenizer()
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_prompt_has_the_length_and_the_needle_at_its_depth(depth):
-    prompt = passkey.make_prompt(TOK, 1000, depth, seed=3)
+    prompt = synthetic.make_prompt(TOK, 1000, depth, seed=3)
     assert len(prompt.ids) == 1000 and len(prompt.key) == 5 and prompt.key.isdigit()
     text = TOK.decode(prompt.ids)
-    assert text.startswith(passkey.INSTRUCTION) and text.endswith(passkey.QUESTION)
+    assert text.startswith(synthetic.INSTRUCTION) and text.endswith(synthetic.QUESTION)
     at = text.index(f"The pass key is {prompt.key}.")
-    filler_start = len(passkey.INSTRUCTION)
-    filler_len = 1000 - len(TOK.encode(passkey.INSTRUCTION + passkey.NEEDLE.format(
-        key=prompt.key) + passkey.QUESTION))
+    filler_start = len(synthetic.INSTRUCTION)
+    filler_len = 1000 - len(TOK.encode(synthetic.INSTRUCTION + synthetic.NEEDLE.format(
+        key=prompt.key) + synthetic.QUESTION))
     assert at - filler_start == round(depth * filler_len)
 
 
 def test_prompts_are_a_function_of_seed_length_depth_and_sample():
-    a = passkey.make_prompt(TOK, 600, 0.5, seed=1, sample=2)
-    b = passkey.make_prompt(TOK, 600, 0.5, seed=1, sample=2)
+    a = synthetic.make_prompt(TOK, 600, 0.5, seed=1, sample=2)
+    b = synthetic.make_prompt(TOK, 600, 0.5, seed=1, sample=2)
     np.testing.assert_array_equal(a.ids, b.ids)
-    keys = {passkey.make_prompt(TOK, 600, 0.5, seed=1, sample=s).key for s in range(10)}
+    keys = {synthetic.make_prompt(TOK, 600, 0.5, seed=1, sample=s).key for s in range(10)}
     assert len(keys) > 5  # the key changes with the sample
-    assert passkey.make_prompt(TOK, 600, 0.5, seed=2, sample=2).key != a.key or \
-        passkey.make_prompt(TOK, 600, 0.5, seed=3, sample=2).key != a.key
+    assert synthetic.make_prompt(TOK, 600, 0.5, seed=2, sample=2).key != a.key or \
+        synthetic.make_prompt(TOK, 600, 0.5, seed=3, sample=2).key != a.key
 
 
 def test_too_short_a_length_is_refused():
     with pytest.raises(ValueError, match="shorter than the prompt"):
-        passkey.make_prompt(TOK, 50, 0.5, seed=0)
+        synthetic.make_prompt(TOK, 50, 0.5, seed=0)
 
 
 def oracle(right: bool):
@@ -114,15 +114,15 @@ def test_the_mask_marks_exactly_each_whole_documents_answer(seq_len):
     for i in range(40):
         tokens, mask = windows[i]
         assert tokens.shape == mask.shape == (seq_len + 1,)
-        assert TOK.decode(tokens).startswith(passkey.INSTRUCTION)
+        assert TOK.decode(tokens).startswith(synthetic.INSTRUCTION)
         ends = np.flatnonzero(tokens == TOK.eos_id)
         starts = np.concatenate([[0], ends + 1])
         want = np.zeros_like(mask)
         for lo, hi in zip(starts, ends, strict=False):  # whole documents only
             text = TOK.decode(tokens[lo:hi])
             key = text.split("The pass key is ")[1][:5]
-            assert text.endswith(passkey.QUESTION + passkey.ANSWER.format(key=key))
-            want[hi - len(passkey.ANSWER.format(key=key)):hi] = 1
+            assert text.endswith(synthetic.QUESTION + synthetic.ANSWER.format(key=key))
+            want[hi - len(synthetic.ANSWER.format(key=key)):hi] = 1
             docs += 1
         np.testing.assert_array_equal(mask, want)
     assert docs >= 40
@@ -143,13 +143,13 @@ def test_shorter_keys_and_short_documents_only_where_asked():
     lengths = set()
     for i in range(30):
         tokens, answer = windows[i]
-        assert passkey.INSTRUCTION not in TOK.decode(tokens)
+        assert synthetic.INSTRUCTION not in TOK.decode(tokens)
         ends = np.flatnonzero(tokens == TOK.eos_id)
         for lo, hi in zip([0, *(ends + 1)], ends, strict=False):  # whole documents
             text = TOK.decode(tokens[lo:hi])
             key = text.split("The pass key is ")[1].split(".")[0]
-            assert key.isdigit() and text.endswith(passkey.ANSWER.format(key=key))
-            assert TOK.decode(tokens[lo:hi][answer[lo:hi] == 1]) == passkey.ANSWER.format(key=key)
+            assert key.isdigit() and text.endswith(synthetic.ANSWER.format(key=key))
+            assert TOK.decode(tokens[lo:hi][answer[lo:hi] == 1]) == synthetic.ANSWER.format(key=key)
             lengths.add(len(key))
     assert lengths == {1, 2, 3, 4, 5}
 
@@ -163,7 +163,7 @@ def test_batches_train_on_the_answer_targets_and_resume_by_step():
         learned = batch["targets"][row][batch["loss_mask"][row] == 1]
         text = TOK.decode(learned)
         assert text and set(text) <= set("0123456789 .")  # answer tokens only
-        assert len(learned) % len(passkey.ANSWER.format(key="12345")) == 0
+        assert len(learned) % len(synthetic.ANSWER.format(key="12345")) == 0
     again = pipeline.build_datasets(passkey_data_cfg(), seed=5)[1]
     iterator = pipeline.batch_iterator(again, start_step=3, prefetch=0)
     resumed = next(iterator)
@@ -268,11 +268,11 @@ def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(trained_run
     shutil.copytree(trained_run, workdir)
     cfg = load_config(ROOT / "configs" / "passkey_tiny.py",
                       [*TINY_RUN, f"--config.train.init_from={tmp_path / 'nope'}"])
-    assert train(cfg, workdir, progress=False)["step"] == 2
+    assert train(cfg, workdir, progress=False).summary["step"] == 2
 
 
 def test_the_model_is_the_checkpoint_whichever_directory_names_it(trained_run, tmp_path):
-    from gigajax.train.ckpt_tools import export
+    from gigajax.checkpoint.params import export
 
     export(trained_run, tmp_path / "params")
     loaded = [load_trained(path) for path in (

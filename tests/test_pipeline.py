@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from gigajax.config import base_config
 from gigajax.data import pipeline, store
 from gigajax.data.tokenizer import ByteTokenizer
 from gigajax.errors import ConfigError, DataError
@@ -49,9 +50,10 @@ def write_prepared(directory: Path, docs: list[list[int]], masks: list[list[int]
 
 
 def data_cfg(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(source="prepared", tokenizer="auto", path="", mixture="",
-                                         seq_len=8, batch_size=2, val_fraction=0.05, max_bytes=0,
-                                         fim_rate=0.0))
+    """A `data` section of the default config with these fields."""
+    cfg = base_config().data
+    cfg.update(dict(source="prepared", tokenizer="auto", path="", mixture="", seq_len=8,
+                    batch_size=2, val_fraction=0.05, max_bytes=0, fim_rate=0.0))
     cfg.update(overrides)
     return cfg
 
@@ -239,7 +241,7 @@ def test_truncated_shard_is_a_data_error_not_a_crash_in_a_step(tmp_path):
 
 
 def test_model_vocab_smaller_than_the_data_is_a_config_error(tmp_path):
-    from gigajax.config import load_config
+    from gigajax import load_config  # the API's: it checks the data against the model
 
     write_prepared(tmp_path / "d", [[1, 2, 3]])
     manifest = store.read_manifest(tmp_path / "d")  # as if prepared with a 512-id tokenizer
@@ -247,10 +249,10 @@ def test_model_vocab_smaller_than_the_data_is_a_config_error(tmp_path):
     store.write_manifest(tmp_path / "d", manifest)
     root = Path(__file__).resolve().parents[1]
     with pytest.raises(ConfigError, match=r"model\.vocab_size=280.*512 ids"):
-        load_config(root / "configs" / "tiny.py", [
-            "--config.data.source=prepared", f"--config.data.path={tmp_path / 'd'}",
-            "--config.model.vocab_size=280", "--config.data.seq_len=2",
-            "--config.data.batch_size=2"])
+        load_config(root / "configs" / "tiny.py",
+                    "--config.data.source=prepared", f"--config.data.path={tmp_path / 'd'}",
+                    "--config.model.vocab_size=280", "--config.data.seq_len=2",
+                    "--config.data.batch_size=2")
 
 
 def test_the_run_tokenizer_is_the_manifests_unless_set(tmp_path):

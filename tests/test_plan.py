@@ -8,12 +8,13 @@ from pathlib import Path
 import jax
 import pytest
 
-from gigajax import plan
 from gigajax.cli import main as gigajax
 from gigajax.config import ModelConfig, load_config
 from gigajax.errors import ConfigError
-from gigajax.mesh import make_mesh, mesh_axis_sizes
-from gigajax.sharding import abstract_model
+from gigajax.model.inventory import param_count
+from gigajax.parallel.mesh import make_mesh, mesh_axis_sizes
+from gigajax.parallel.shardings import abstract_model
+from gigajax.plan import comm, memory, planner
 from gigajax.train.loop import build_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_param_count_equals_the_models(overrides):
     cfg = load_config(TINY, overrides)
     m = ModelConfig.from_config(cfg)
     _, params = abstract_model(lambda: Decoder(m, rngs=nnx.Rngs(0)))
-    assert plan.param_count(m) == sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    assert param_count(m) == sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 LAYOUTS = [
@@ -58,7 +59,7 @@ def test_state_bytes_equal_the_real_shards(overrides):
         return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
                    for x in jax.tree.leaves(tree))
 
-    predicted = plan.state_bytes(cfg, mesh_axis_sizes(cfg.mesh, 8, cfg.attention))
+    predicted = memory.state_bytes(cfg, mesh_axis_sizes(cfg.mesh, 8, cfg.attention))
     assert predicted["params"] == per_device(abstract["params"])
     assert predicted["optimizer"] == per_device(abstract["opt_state"])
 
@@ -73,40 +74,40 @@ def test_attention_scores_are_stored_only_without_flash():
     """Korthikanti et al.'s 5as/h term (scores, softmax, dropout mask) is 2as/h here (scores
     and probabilities, no dropout) without flash attention; flash keeps a logsumexp per head."""
     cfg, sizes = sized("--config.attention.impl=reference")
-    x = plan.layer_shape(cfg, sizes)
-    plain = plan.layer_activation_bytes(x, flash=False)
-    flash = plan.layer_activation_bytes(x, flash=True)
+    x = memory.layer_shape(cfg, sizes)
+    plain = memory.layer_activation_bytes(x, flash=False)
+    flash = memory.layer_activation_bytes(x, flash=True)
     assert plain - flash == x.b * x.s * x.heads * (2 * x.s_kv * x.p - 4)
 
 
 def test_sequence_and_tensor_parallel_divide_activations():
     cfg, one = sized()
     cfg8, seq8 = sized("--config.mesh.sequence=8", "--config.data.seq_len=256")
-    per_layer = plan.activation_bytes(cfg, one)["per_layer"]
-    assert plan.activation_bytes(cfg8, seq8)["per_layer"] * 8 == pytest.approx(per_layer,
+    per_layer = memory.activation_bytes(cfg, one)["per_layer"]
+    assert memory.activation_bytes(cfg8, seq8)["per_layer"] * 8 == pytest.approx(per_layer,
                                                                                 rel=1e-6)
     cfg_t, tp = sized("--config.mesh.tensor=2")
     cfg_sp, tp_sp = sized("--config.mesh.tensor=2", "--config.sharding.megatron_sp=true")
-    t_only = plan.activation_bytes(cfg_t, tp)["per_layer"]
-    with_sp = plan.activation_bytes(cfg_sp, tp_sp)["per_layer"]
+    t_only = memory.activation_bytes(cfg_t, tp)["per_layer"]
+    with_sp = memory.activation_bytes(cfg_sp, tp_sp)["per_layer"]
     assert with_sp < t_only < per_layer  # the residual stream split too (Megatron-SP)
-    full = plan.activation_bytes(*sized("--config.model.remat=full"))
-    assert full["layers"] < plan.activation_bytes(cfg, one)["layers"]
+    full = memory.activation_bytes(*sized("--config.model.remat=full"))
+    assert full["layers"] < memory.activation_bytes(cfg, one)["layers"]
 
 
 def test_communication_per_axis():
     _, dp = sized("--config.mesh.data=8")
-    assert set(plan.comm_bytes(*sized("--config.mesh.data=8"))) == {"data+sequence"}
+    assert set(comm.comm_bytes(*sized("--config.mesh.data=8"))) == {"data+sequence"}
     assert dp["data"] == 8
-    fsdp = plan.comm_bytes(*sized("--config.mesh.fsdp=8"))
-    ring = plan.comm_bytes(*sized("--config.mesh.sequence=8"))
-    tensor = plan.comm_bytes(*sized("--config.mesh.tensor=4"))
-    ulysses = plan.comm_bytes(*sized("--config.mesh.sequence=4",
+    fsdp = comm.comm_bytes(*sized("--config.mesh.fsdp=8"))
+    ring = comm.comm_bytes(*sized("--config.mesh.sequence=8"))
+    tensor = comm.comm_bytes(*sized("--config.mesh.tensor=4"))
+    ulysses = comm.comm_bytes(*sized("--config.mesh.sequence=4",
                                      "--config.attention.sp_impl=ulysses"))
     assert "fsdp" in fsdp and "sequence" in ring and "tensor" in tensor
     assert "ulysses" in ulysses and "sequence" not in ulysses
     # ZeRO-3 moves the parameters three times a step (gather, gather, reduce-scatter)
-    state = plan.state_bytes(*sized("--config.mesh.fsdp=8"))
+    state = memory.state_bytes(*sized("--config.mesh.fsdp=8"))
     assert fsdp["fsdp"] == int(7 / 8 * state["grads"] * 8 * 3)
 
 
@@ -116,7 +117,7 @@ def test_plan_cli_prints_a_table_and_json(capsys):
     assert "total per device" in capsys.readouterr().out
     assert gigajax(["plan", "--config", str(TINY), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["param_count"] == plan.param_count(ModelConfig.from_config(load_config(TINY)))
+    assert result["param_count"] == param_count(ModelConfig.from_config(load_config(TINY)))
     assert result["predicted_bytes_per_device"] > 0
     assert gigajax(["plan", "--config", str(TINY), "--json", "--compile"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -127,14 +128,14 @@ def test_plan_cli_prints_a_table_and_json(capsys):
 @pytest.mark.parametrize("name, billions", [("llama_7b_1m", 6.74), ("llama_30b_128k", 29.4)])
 def test_headline_configs_plan_on_64_devices(name, billions):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
-    result = plan.plan(cfg, 64)
+    result = planner.plan(cfg, 64)
     assert result["param_count"] / 1e9 == pytest.approx(billions, abs=0.05)
 
 
 def test_plan_names_a_layout_that_does_not_split():
     cfg = load_config(TINY, ["--config.mesh.data=1", "--config.mesh.tensor=-1"])
     with pytest.raises(ConfigError, match="tensor"):
-        plan.plan(cfg, 64)
+        planner.plan(cfg, 64)
 
 
 COMPILED = ["data=8", "fsdp=8", "data=2,tensor=4", "fsdp=2,tensor=4,megatron_sp=1",
@@ -147,21 +148,21 @@ COMPILED = ["data=8", "fsdp=8", "data=2,tensor=4", "fsdp=2,tensor=4,megatron_sp=
 def test_prediction_within_15_percent_of_xla(layout):
     """The `small` config (124M, 12 layers, fp32, 8 x 512 tokens): the formulas against XLA's
     compiled per-device memory (arguments + outputs + temporaries - donated)."""
-    from gigajax.check_layouts import layout_config, parse_layouts
+    from gigajax.plan.layouts import layout_config, parse_layouts
 
     (parsed,) = parse_layouts(layout.replace(",remat=full", ""))
     cfg = layout_config(load_config(ROOT / "configs" / "small.py", [
         "--config.data.batch_size=8", "--config.data.seq_len=512"]), parsed)
     if "remat=full" in layout:
         cfg.model.remat = "full"
-    predicted = plan.plan(cfg, 8)["predicted_bytes_per_device"]
-    compiled = plan.compiled_memory(cfg, 8)["total"]
+    predicted = planner.plan(cfg, 8)["predicted_bytes_per_device"]
+    compiled = planner.compiled_memory(cfg, 8)["total"]
     assert 0.85 <= predicted / compiled <= 1.15, (predicted, compiled)
 
 
 def test_advise_ranks_fitting_layouts_and_explains(capsys):
     """Every layout that fits comes before every one that does not; each row says why."""
-    from gigajax.advise import advise
+    from gigajax.plan.advise import advise
 
     cfg = load_config(TINY, ["--config.data.seq_len=256"])
     everything = advise(cfg, 8, 2.0**60)["layouts"]
@@ -186,7 +187,7 @@ def test_advise_time_model():
     """One node: every collective is on NVLink. Remat that recomputes costs time (dots re-runs
     the attention kernel, minimal the matmuls, also with a sliding window). A hybrid config
     still gets its data-only layouts."""
-    from gigajax.advise import Hardware, advise, inside_a_node
+    from gigajax.plan.advise import Hardware, advise, inside_a_node
 
     sizes = {"data": 2, "fsdp": 4, "sequence": 1, "ulysses": 1, "tensor": 2}
     assert inside_a_node(("data", "sequence", "ulysses"), sizes, 16)
@@ -214,10 +215,11 @@ def test_tp_sp_crossover_falls_out_of_the_traffic():
     less above T* ~ 4 bytes x weights / (2 bytes x 2 all-reduces x D). With MHA attention's
     weights are 4 D^2 (T* = 4 D) and a SwiGLU MLP of F = 8D/3 has 8 D^2 (T* = 8 D): the
     MLP crosses over at twice attention's length."""
-    from gigajax.advise import tp_sp_crossover
+    from gigajax.plan.advise import tp_sp_crossover
 
-    cfg = load_config(TINY, ["--config.model.d_model=768", "--config.model.n_heads=12",
-                             "--config.model.n_kv_heads=12", "--config.model.mlp_dim=2048",
+    # 16 heads of 48: multi-head attention whose heads split over tensor=8
+    cfg = load_config(TINY, ["--config.model.d_model=768", "--config.model.n_heads=16",
+                             "--config.model.n_kv_heads=16", "--config.model.mlp_dim=2048",
                              "--config.model.dtype=bfloat16"])
     cross = tp_sp_crossover(cfg, 8)
     attention, mlp = cross["weights_attention"], cross["weights_mlp"]
@@ -237,7 +239,7 @@ def test_compiled_memory_stays_linear_in_sequence_length():
                                  f"--config.data.seq_len={seq_len}", "--config.data.batch_size=1",
                                  "--config.model.remat=full", "--config.model.n_layers=2",
                                  f"--config.model.max_seq_len={seq_len}", *overrides])
-        return plan.compiled_memory(cfg, 2)["temp"]
+        return planner.compiled_memory(cfg, 2)["temp"]
 
     for overrides in ([], ["--config.attention.sp_impl=ulysses"]):
         short, long = compiled(2048, *overrides), compiled(8192, *overrides)

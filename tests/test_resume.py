@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from gigajax.checkpoint.manager import Checkpointer
 from gigajax.cli import main as cli_main
 from gigajax.config import load_config
-from gigajax.mesh import make_mesh
+from gigajax.parallel.mesh import make_mesh
 from gigajax.train import loop
-from gigajax.train.checkpoint import Checkpointer
 from gigajax.train.loop import NonFiniteStop, build_training, train
 
 ROOT = Path(__file__).resolve().parents[1]

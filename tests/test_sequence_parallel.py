@@ -18,14 +18,10 @@ from jax.sharding import AxisType, PartitionSpec
 
 from gigajax.errors import ConfigError
 from gigajax.ops.attention import blockwise_attention, reference_attention
-from gigajax.ops.layouts import (
-    check_sequence_split,
-    inverse_permutation,
-    layout_permutation,
-    permute_sequence,
-)
+from gigajax.ops.layouts import inverse_permutation, layout_permutation, permute_sequence
 from gigajax.ops.ring import ring_attention
-from gigajax.ops.ulysses import check_ulysses_heads, ulysses_attention
+from gigajax.ops.ulysses import ulysses_attention
+from gigajax.parallel.checks import check_sequence_split, check_ulysses_heads
 
 B, T, H, K, E = 2, 64, 8, 2, 8
 BLOCK = 8
@@ -195,10 +191,13 @@ def test_layout_permutations():
 
 
 @pytest.mark.parametrize("seq_len,n,layout", [(30, 4, "contiguous"), (36, 4, "zigzag"),
-                                              (12, 8, "striped"), (64, 2, "spiral")])
+                                              (12, 8, "striped")])
 def test_bad_sequence_splits_are_config_errors(seq_len, n, layout):
-    with pytest.raises(ConfigError, match="attention.layout|data.seq_len"):
+    """(An unknown layout name is a field error of `attention.layout`: tests/test_config.py.)"""
+    with pytest.raises(ConfigError, match=r"data\.seq_len"):
         check_sequence_split(seq_len, n, layout)
+    with pytest.raises(ValueError, match="do not split"):  # the op itself, about its shapes
+        layout_permutation(seq_len, n, layout)
 
 
 def test_bad_ulysses_heads_are_config_errors():

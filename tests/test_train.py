@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from gigajax.config import load_config
-from gigajax.distributed import place_batch
-from gigajax.mesh import make_mesh
+from gigajax.parallel.mesh import make_mesh
+from gigajax.parallel.multihost import place_batch
 from gigajax.train.loop import train
 from gigajax.train.state import StateBuilder, layout_for
 from gigajax.train.step import make_train_step

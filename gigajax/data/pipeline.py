@@ -35,6 +35,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from gigajax.config.validate import validate_data
 from gigajax.data import store
 from gigajax.data.stdlib_corpus import load_stdlib_tokens
 from gigajax.data.synthetic import PasskeyWindows, check_passkey_config
@@ -43,7 +44,6 @@ from gigajax.errors import ConfigError, DataError
 from gigajax.ops.layouts import permute_sequence
 
 Batch = dict[str, np.ndarray]
-SOURCES = ("stdlib", "prepared", "passkey")
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
@@ -353,14 +353,22 @@ def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, 
     return entries, ids, any(m.get("has_loss_mask") for _, m in manifests)
 
 
+def check_data(cfg: ml_collections.ConfigDict) -> DataIds:
+    """`check_data_config`, and the data's ids against `model.vocab_size`; returns the ids."""
+    ids, vocab_size = check_data_config(cfg.data), cfg.model.vocab_size
+    if vocab_size < ids.vocab_size:
+        raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: the data's "
+                          f"tokenizer has {ids.vocab_size} ids.")
+    if vocab_size <= ids.max_token_id:
+        raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: the prepared "
+                          f"data holds token id {ids.max_token_id}.")
+    return ids
+
+
 def check_data_config(data_cfg: ml_collections.ConfigDict) -> DataIds:
-    """Fail fast on a bad `data.*` (source, tokenizer, paths, mixture, FIM); returns the ids."""
-    if data_cfg.source not in SOURCES:
-        raise ConfigError(
-            f"data.source={data_cfg.source!r} is not a known source; allowed values: "
-            + ", ".join(repr(s) for s in SOURCES) + ".")
-    if not 0.0 <= data_cfg.fim_rate <= 1.0:
-        raise ConfigError(f"data.fim_rate={data_cfg.fim_rate!r} must lie in [0, 1].")
+    """Fail fast on what the data says of a field-checked `data.*`: the tokenizer, the prepared
+    paths and manifests, the mixture, FIM sentinels; returns the ids."""
+    validate_data(data_cfg)
     if data_cfg.source in ("stdlib", "passkey"):
         tok = _generated_tokenizer(data_cfg)
         fim_ids = tuple(getattr(tok, f"fim_{k}_id", None) for k in ("prefix", "middle", "suffix"))

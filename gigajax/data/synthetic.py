@@ -1,19 +1,24 @@
 """Generated training data: PassKey documents (`data.source=passkey`), the task that
 `gigajax eval passkey` scores, so a small model can learn retrieval in minutes.
 
-A document is `prompt + ANSWER + EOS` (`eval/passkey.py`: instruction, filler with the needle at a
-random depth, question; then " <key>."). Window i of T+1 tokens is a function of (seed, split, i)
-alone: documents with prompt lengths drawn uniformly from [shortest prompt, what still fits] are
-laid one after another until the next would not fit whole, and the rest of the window holds the
-start of one more prompt (cut off, never its answer). So every trained answer has its needle in
-the same window, documents start at window starts (positions, segment ids and loss masks come
-from `pipeline.batch_features` as for every source), and windows are independent, so no shuffle
-is needed. The answer's tokens have loss weight 1, every other token `text_weight` (0: the
-answer alone; 1: a plain language-model loss over everything).
+A PassKey prompt (Mohtashami & Jaggi 2023) is `INSTRUCTION + filler[:a] + NEEDLE + filler[a:] +
+QUESTION`, cut to `length` tokens by the amount of filler; `depth` in [0, 1] places the needle
+that far into the filler; `eval/passkey.py` scores a model on them. A training document is
+`prompt + ANSWER + EOS` (" <key>." after the question).
+
+Window i of T+1 tokens is a function of (seed, split, i) alone: documents with prompt lengths
+drawn uniformly from [shortest prompt, what still fits] are laid one after another until the next
+would not fit whole, and the rest of the window holds the start of one more prompt (cut off, never
+its answer). So every trained answer has its needle in the same window, documents start at window
+starts (positions, segment ids and loss masks come from `pipeline.batch_features` as for every
+source), and windows are independent, so no shuffle is needed. The answer's tokens have loss
+weight 1, every other token `text_weight` (0: the answer alone; 1: a plain language-model loss
+over everything).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import ml_collections
@@ -21,18 +26,80 @@ import numpy as np
 
 from gigajax.data.tokenizer import Tokenizer
 from gigajax.errors import ConfigError
-from gigajax.eval import passkey
 
 SPLITS = {"train": 0, "validation": 1}  # a separate random stream per split
 WINDOWS = 1 << 31  # windows per "epoch": the index range, not data held anywhere
+
+INSTRUCTION = ("There is important info hidden inside a lot of irrelevant text. Find it and "
+               "memorize it. ")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? The pass key is"
+
+ANSWER = " {key}."  # what follows QUESTION: the synthetic training data's target
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One PassKey prompt: its token ids, the key, and where the needle sits."""
+
+    ids: np.ndarray  # [length] token ids
+    key: str  # the digits to retrieve
+    length: int
+    depth: float
+
+
+def make_key(rng: np.random.Generator, key_digits: int = 5) -> str:
+    """`key_digits` random decimal digits (leading zeros allowed)."""
+    return "".join(str(d) for d in rng.integers(0, 10, key_digits))
+
+
+def fixed_tokens(tokenizer: Tokenizer, key: str, instruction: bool = True) -> int:
+    """Tokens of a prompt without filler: instruction, needle with `key`, question."""
+    return sum(len(tokenizer.encode(text))
+               for text in (INSTRUCTION * instruction, NEEDLE.format(key=key), QUESTION))
+
+
+def shortest_length(tokenizer: Tokenizer, key_digits: int = 5) -> int:
+    """The shortest `length` a prompt can have (no filler), for a `key_digits`-digit key."""
+    return fixed_tokens(tokenizer, "0" * key_digits)
+
+
+def build_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str,
+                 instruction: bool = True) -> Prompt:
+    """The prompt of `length` tokens with `key` in its needle at `depth` of the filler (and
+    without the instruction if `instruction` is False: synthetic training data only)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth {depth} must lie in [0, 1]")
+    head = tokenizer.encode(INSTRUCTION * instruction)
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    question = tokenizer.encode(QUESTION)
+    budget = length - len(head) - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"length {length} is shorter than the prompt without filler "
+                         f"({length - budget} tokens)")
+    unit = tokenizer.encode(FILLER)
+    filler = np.tile(unit, budget // max(len(unit), 1) + 1)[:budget]
+    cut = int(round(depth * budget))
+    ids = np.concatenate([head, filler[:cut], needle, filler[cut:], question]).astype(np.int32)
+    return Prompt(ids, key, length, depth)
+
+
+def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, sample: int = 0,
+                key_digits: int = 5) -> Prompt:
+    """The prompt of `length` tokens with a `key_digits`-digit key at `depth` of the filler."""
+    rng = np.random.default_rng([seed, length, int(round(depth * 1e6)), sample])
+    return build_prompt(tokenizer, length, depth, make_key(rng, key_digits))
 
 
 def document(tokenizer: Tokenizer, length: int, depth: float, key: str, instruction: bool = True
              ) -> tuple[np.ndarray, np.ndarray]:
     """One document, prompt of `length` tokens + answer + EOS, and its answer mask (1 on the
     answer's tokens)."""
-    prompt = passkey.build_prompt(tokenizer, length, depth, key, instruction).ids
-    answer = tokenizer.encode(passkey.ANSWER.format(key=key)).astype(np.int32)
+    prompt = build_prompt(tokenizer, length, depth, key, instruction).ids
+    answer = tokenizer.encode(ANSWER.format(key=key)).astype(np.int32)
     tokens = np.concatenate([prompt, answer, [tokenizer.eos_id]]).astype(np.int32)
     mask = np.zeros(len(tokens), np.uint8)
     mask[len(prompt):len(prompt) + len(answer)] = 1
@@ -42,8 +109,8 @@ def document(tokenizer: Tokenizer, length: int, depth: float, key: str, instruct
 def smallest_document(tokenizer: Tokenizer, key_digits: int) -> int:
     """Tokens of the shortest document (no filler) with a `key_digits`-digit key."""
     key = "0" * key_digits
-    return (passkey.shortest_length(tokenizer, key_digits)
-            + len(tokenizer.encode(passkey.ANSWER.format(key=key))) + 1)
+    return (shortest_length(tokenizer, key_digits)
+            + len(tokenizer.encode(ANSWER.format(key=key))) + 1)
 
 
 class PasskeyWindows(Sequence):
@@ -77,13 +144,13 @@ class PasskeyWindows(Sequence):
         tokens, answers = [], []
         while room:
             digits = int(rng.integers(self.min_key_digits, self.key_digits + 1))
-            key = passkey.make_key(rng, digits)
+            key = make_key(rng, digits)
             instruction = bool(rng.random() >= self.short_rate)
             depth = float(rng.random())
-            floor = passkey.fixed_tokens(self.tokenizer, key, instruction)
-            extra = len(self.tokenizer.encode(passkey.ANSWER.format(key=key))) + 1
+            floor = fixed_tokens(self.tokenizer, key, instruction)
+            extra = len(self.tokenizer.encode(ANSWER.format(key=key))) + 1
             if floor + extra > room:  # no whole document fits: the start of one more prompt
-                cut = passkey.build_prompt(self.tokenizer, max(floor, room), depth, key,
+                cut = build_prompt(self.tokenizer, max(floor, room), depth, key,
                                            instruction).ids[:room]
                 tokens.append(cut)
                 answers.append(np.zeros(len(cut), np.uint8))
@@ -98,25 +165,8 @@ class PasskeyWindows(Sequence):
 
 
 def check_passkey_config(data_cfg: ml_collections.ConfigDict, tok: Tokenizer) -> None:
-    """`data.passkey.*`: key lengths, loss weight and share of short documents in range, and a
-    window that holds a whole document."""
-    if "passkey" not in data_cfg:
-        raise ConfigError("config.data.passkey is missing; start configs from "
-                          "gigajax.config.base_config().")
-    pk = data_cfg.passkey
-    digits, least = pk.key_digits, pk.min_key_digits
-    if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 32:
-        raise ConfigError(f"config.data.passkey.key_digits={digits!r} is not allowed: use an "
-                          "integer from 1 to 32 (the PassKey benchmark uses 5).")
-    if not isinstance(least, int) or isinstance(least, bool) or not 0 <= least <= digits:
-        raise ConfigError(f"config.data.passkey.min_key_digits={least!r} is not allowed: use 0 "
-                          f"(every key has data.passkey.key_digits={digits} digits) or 1 to "
-                          f"{digits}.")
-    for field in ("text_weight", "short_rate"):
-        value = pk[field]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ConfigError(f"config.data.passkey.{field}={value!r} is not allowed: use a "
-                              "number in [0, 1].")
+    """A window holds a whole document (the `data.passkey.*` ranges are config field checks)."""
+    digits = data_cfg.passkey.key_digits
     need = smallest_document(tok, digits)
     if data_cfg.seq_len + 1 < need:
         raise ConfigError(f"config.data.seq_len={data_cfg.seq_len} is too short for PassKey: "

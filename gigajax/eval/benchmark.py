@@ -1,8 +1,8 @@
 """`gigajax eval passkey`: the PassKey grid (`eval/passkey.py`) of a trained checkpoint, under one
 or more RoPE scalings; results as JSON, a heatmap PNG (one panel per scaling) and a table.
 
-Answers come from greedy decoding with a KV cache (`generate.py`), the samples of one grid cell
-as a batch, on one device. A RoPE scaling is applied at evaluation time only (no fine-tuning):
+Answers come from greedy decoding with a KV cache (`infer/generate.py`), the samples of one grid
+cell as a batch, on one device. A RoPE scaling is applied at evaluation time only (no fine-tuning):
 `linear` is position interpolation (Chen et al. 2023), `yarn` is YaRN (Peng et al. 2023), with
 `factor` either fixed or, with `auto`, chosen per length as length / trained context (at least
 1, so the trained length is always scored with the model as trained). The trained context is the
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gigajax.config import ROPE_SCALINGS
+from gigajax.config.schema import ROPE_SCALINGS
 from gigajax.data.pipeline import data_tokenizer
+from gigajax.data.synthetic import shortest_length
 from gigajax.data.tokenizer import Tokenizer
 from gigajax.errors import GigajaxError
 from gigajax.eval import passkey
-from gigajax.eval.loading import Trained, build_model, trained_context
-from gigajax.generate import greedy_generate_batch
+from gigajax.infer.generate import generate_batch
+from gigajax.infer.loading import Trained, build_model, trained_context
 
 TITLES = {"none": "RoPE as trained", "linear": "PI (linear)", "yarn": "YaRN"}
 
@@ -120,7 +121,7 @@ def original_context(trained: Trained) -> int:
 
 def check_lengths(lengths: Sequence[int], tokenizer: Tokenizer, key_digits: int) -> None:
     """Every length holds at least the prompt without filler."""
-    shortest = passkey.shortest_length(tokenizer, key_digits)
+    shortest = shortest_length(tokenizer, key_digits)
     if min(lengths) < shortest:
         raise GigajaxError(f"--lengths {min(lengths)} is shorter than the PassKey prompt without "
                            f"filler ({shortest} tokens with a {key_digits}-digit key): use "
@@ -143,7 +144,7 @@ def _generator(trained: Trained, rope: Rope, original: int, batch_size: int
                 rs.original_max_seq_len = original
             models[length] = build_model(trained.params, cfg)
         return np.concatenate([
-            greedy_generate_batch(models[length], ids_BT[i:i + batch_size], new_tokens)
+            generate_batch(models[length], ids_BT[i:i + batch_size], new_tokens)
             for i in range(0, len(ids_BT), batch_size)])
 
     return generate

@@ -1,88 +1,25 @@
 """PassKey retrieval (Mohtashami & Jaggi 2023): a random key hidden at a depth in filler text;
-the model must repeat it. Prompts, scoring over a (length, depth) grid, and the heatmap.
+the model must repeat it. Scoring over a (length, depth) grid, and the heatmap; the prompts
+themselves are data (`data/synthetic.py`), shared with the synthetic training documents.
 
-A prompt is `INSTRUCTION + filler[:a] + NEEDLE + filler[a:] + QUESTION`, cut to `length` tokens
-by the amount of filler; `depth` in [0, 1] places the needle that far into the filler. The
-answer counts as right when the generated text, stripped of leading spaces, starts with the
+The answer counts as right when the generated text, stripped of leading spaces, starts with the
 key's digits. Everything is a function of (seed, length, depth, sample), so two runs score
 the same prompts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from gigajax.data.synthetic import make_prompt
 from gigajax.data.tokenizer import Tokenizer
-
-INSTRUCTION = ("There is important info hidden inside a lot of irrelevant text. Find it and "
-               "memorize it. ")
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
-          "again. ")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "What is the pass key? The pass key is"
-
-ANSWER = " {key}."  # what follows QUESTION: the synthetic training data's target
 
 # (prompt token ids [B, T], number of new tokens N) -> the generated token ids [B, N]
 Generate = Callable[[np.ndarray, int], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One PassKey prompt: its token ids, the key, and where the needle sits."""
-
-    ids: np.ndarray  # [length] token ids
-    key: str  # the digits to retrieve
-    length: int
-    depth: float
-
-
-def make_key(rng: np.random.Generator, key_digits: int = 5) -> str:
-    """`key_digits` random decimal digits (leading zeros allowed)."""
-    return "".join(str(d) for d in rng.integers(0, 10, key_digits))
-
-
-def fixed_tokens(tokenizer: Tokenizer, key: str, instruction: bool = True) -> int:
-    """Tokens of a prompt without filler: instruction, needle with `key`, question."""
-    return sum(len(tokenizer.encode(text))
-               for text in (INSTRUCTION * instruction, NEEDLE.format(key=key), QUESTION))
-
-
-def shortest_length(tokenizer: Tokenizer, key_digits: int = 5) -> int:
-    """The shortest `length` a prompt can have (no filler), for a `key_digits`-digit key."""
-    return fixed_tokens(tokenizer, "0" * key_digits)
-
-
-def build_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str,
-                 instruction: bool = True) -> Prompt:
-    """The prompt of `length` tokens with `key` in its needle at `depth` of the filler (and
-    without the instruction if `instruction` is False: synthetic training data only)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth {depth} must lie in [0, 1]")
-    head = tokenizer.encode(INSTRUCTION * instruction)
-    needle = tokenizer.encode(NEEDLE.format(key=key))
-    question = tokenizer.encode(QUESTION)
-    budget = length - len(head) - len(needle) - len(question)
-    if budget < 0:
-        raise ValueError(f"length {length} is shorter than the prompt without filler "
-                         f"({length - budget} tokens)")
-    unit = tokenizer.encode(FILLER)
-    filler = np.tile(unit, budget // max(len(unit), 1) + 1)[:budget]
-    cut = int(round(depth * budget))
-    ids = np.concatenate([head, filler[:cut], needle, filler[cut:], question]).astype(np.int32)
-    return Prompt(ids, key, length, depth)
-
-
-def make_prompt(tokenizer: Tokenizer, length: int, depth: float, seed: int, sample: int = 0,
-                key_digits: int = 5) -> Prompt:
-    """The prompt of `length` tokens with a `key_digits`-digit key at `depth` of the filler."""
-    rng = np.random.default_rng([seed, length, int(round(depth * 1e6)), sample])
-    return build_prompt(tokenizer, length, depth, make_key(rng, key_digits))
 
 
 def is_right(answer: str, key: str) -> bool:

@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.attention import Attention
-from gigajax.model.init import residual_init, weight_init
-from gigajax.sharding import constrain, param
-
-
-class RMSNorm(nnx.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32."""
-
-    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",))
-        self.eps = eps
-
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
-        x = x_BTD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...]).astype(x_BTD.dtype)
-
-
-class SwiGLU(nnx.Module):
-    """Gated MLP (Shazeer 2020): down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.mlp_dim
-        init, out_init = weight_init(cfg), residual_init(cfg)
-        self.w_gate = param(rngs, init, (D, F), ("embed", "mlp"))
-        self.w_up = param(rngs, init, (D, F), ("embed", "mlp"))
-        self.w_down = param(rngs, out_init, (F, D), ("mlp", "embed"))
-
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
-        dtype = x_BTD.dtype
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dtype))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dtype))
-        hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "inner_seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.w_down[...].astype(dtype))
+from gigajax.model.layers import RMSNorm
+from gigajax.model.mlp import SwiGLU
+from gigajax.parallel.shardings import constrain
 
 
 class Block(nnx.Module):

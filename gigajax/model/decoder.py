@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from gigajax.config import ModelConfig
-from gigajax.model.block import Block, RMSNorm
-from gigajax.model.init import weight_init
+from gigajax.model.block import Block
+from gigajax.model.layers import RMSNorm, weight_init
+from gigajax.model.remat import remat_block
 from gigajax.model.rope import rope_cos_sin, rope_frequencies
-from gigajax.sharding import constrain, param, stacked
-
-# What the backward pass may keep from the forward pass of each block (the rest is recomputed).
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,  # no jax.checkpoint: keep everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
-    # keep the blockwise kernel's out and lse: recompute projections and MLP, not attention
-    "minimal": jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
-}
+from gigajax.parallel.shardings import constrain, param, stacked
 
 
 class Decoder(nnx.Module):
@@ -35,6 +26,12 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, seed: int = 0) -> Decoder:
+        """The decoder of a full config (`config.model` + `config.attention`), initialised from
+        `seed`; on the default device, or replicated on the current mesh (`jax.set_mesh`)."""
+        return cls(ModelConfig.from_config(cfg), rngs=nnx.Rngs(seed))
 
     def __call__(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
                  segment_ids_BT: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -116,9 +113,7 @@ class Decoder(nnx.Module):
             x_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
             return (x_BTD, positions_BT, segment_ids_BT), None
 
-        if self.cfg.remat != "none":
-            one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],
-                                       prevent_cse=not self.cfg.scan_layers)
+        one_block = remat_block(one_block, self.cfg.remat, self.cfg.scan_layers)
         carry = (x_BTD, positions_BT, segment_ids_BT)
         if self.cfg.scan_layers:
             carry, _ = jax.lax.scan(one_block, carry, stacked_state)

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from gigajax.errors import ConfigError
-
 Array = jax.Array
 ATTENTION_IMPLS = ("reference", "blockwise", "xla", "cudnn")
 MASKED_LSE = -1e30  # lse of a row with no allowed key; see the module docstring
@@ -292,12 +290,12 @@ def dot_product_attention(
     sliding_window: int | None = None, scale: float | None = None, block_q: int = 512,
     block_kv: int = 512,
 ) -> Array:
-    """The model's attention: out [B,T,H,E] from the kernel named by config `attention.impl`."""
+    """Attention out [B,T,H,E] by the kernel `impl` (one of ATTENTION_IMPLS)."""
     if impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"attention.impl={impl!r} is not one of {ATTENTION_IMPLS}")
+        raise ValueError(f"attention kernel {impl!r} is not one of {ATTENTION_IMPLS}")
     if impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"attention.impl='cudnn' needs a GPU (backend is "
-                          f"{jax.default_backend()!r}); use one of {ATTENTION_IMPLS[:3]}")
+        raise ValueError(f"the cudnn kernel needs a GPU (the backend is "
+                         f"{jax.default_backend()!r}); use one of {ATTENTION_IMPLS[:3]}")
     masks = {"causal": causal, "q_positions": q_positions, "kv_positions": kv_positions,
              "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids,
              "sliding_window": sliding_window, "scale": scale}

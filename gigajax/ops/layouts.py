@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from gigajax.errors import ConfigError
-
 SEQUENCE_LAYOUTS = ("contiguous", "striped", "zigzag")
 
 
@@ -28,21 +26,13 @@ def chunks_per_device(layout: str) -> int:
     return 2 if layout == "zigzag" else 1
 
 
-def check_sequence_split(seq_len: int, n: int, layout: str, field: str = "data.seq_len") -> None:
-    """ConfigError unless `seq_len` splits evenly into the layout's shards over `n` devices."""
-    if layout not in SEQUENCE_LAYOUTS:
-        raise ConfigError(f"attention.layout={layout!r} is not one of {SEQUENCE_LAYOUTS}.")
-    parts = n * chunks_per_device(layout)
-    if seq_len % parts:
-        raise ConfigError(
-            f"config.{field}={seq_len} does not split over {n} sequence-parallel devices with "
-            f"attention.layout={layout!r}: it must be a multiple of {parts}"
-            + (" (2 chunks per device)" if layout == "zigzag" else "") + ".")
-
-
 def layout_permutation(seq_len: int, n: int, layout: str) -> np.ndarray:
     """perm [T] int32: the global token index at each permuted position."""
-    check_sequence_split(seq_len, n, layout)
+    if layout not in SEQUENCE_LAYOUTS:
+        raise ValueError(f"sequence layout {layout!r} is not one of {SEQUENCE_LAYOUTS}")
+    if seq_len % (n * chunks_per_device(layout)):
+        raise ValueError(f"{seq_len} tokens do not split into {n * chunks_per_device(layout)} "
+                         f"equal chunks ({n} devices, layout {layout!r})")
     index = np.arange(seq_len, dtype=np.int32)
     if layout == "contiguous" or n == 1:
         return index

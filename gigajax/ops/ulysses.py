@@ -22,27 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gigajax.errors import ConfigError
-
 Array = jax.Array
 # (q [B,T,h,E], k [B,T,k,E], v, positions [B,T], segment_ids [B,T] | None) -> out [B,T,h,E]
 LocalAttention = Callable[[Array, Array, Array, Array, Array | None], Array]
-
-
-def check_ulysses_heads(n_heads: int, n_kv_heads: int, degree: int, tensor: int = 1) -> None:
-    """ConfigError unless the heads (of one tensor shard) split over `degree` Ulysses devices."""
-    per = f" per tensor shard (mesh.tensor={tensor})" if tensor > 1 else ""
-    if n_heads % degree:
-        raise ConfigError(
-            f"config.model.n_heads: {n_heads} query heads{per} do not split over a Ulysses "
-            f"degree of {degree}: the all-to-all gives each device 1/{degree} of the heads. "
-            "Use ring or hybrid attention (attention.sp_impl, attention.ulysses_degree).")
-    if n_kv_heads % degree and degree % n_kv_heads:
-        raise ConfigError(
-            f"config.model.n_kv_heads: {n_kv_heads} KV heads{per} and a Ulysses degree of "
-            f"{degree}: KV heads are split when their count is a multiple of the degree and "
-            "repeated when it divides the degree; choose a degree among the divisors or "
-            f"multiples of {n_kv_heads}.")
 
 
 def _seq_to_heads(x: Array, axis_name: str) -> Array:

@@ -5,17 +5,11 @@ from __future__ import annotations
 import jax
 
 from gigajax.config import ModelConfig
+from gigajax.model.inventory import matmul_params
 
 # Dense bf16 peak FLOP/s per device from vendor datasheets (no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12}
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: all but the input embedding table."""
-    D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
-    per_layer = D * H * E * 2 + D * K * E * 2 + 3 * D * F
-    return cfg.n_layers * per_layer + D * cfg.vocab_size  # + the LM head (tied or not)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

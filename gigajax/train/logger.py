@@ -28,6 +28,16 @@ def log_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else 160)
 
 
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class MetricsLogger:
     """Fetches device metrics only every `log_every` steps, so the host never stalls the device."""
 
@@ -118,8 +128,12 @@ class MetricsLogger:
         self.summary.update(row)
         status = f"loss {row['loss']:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss else "")
         self.progress.update(self.task, status=status)
+        eta = ""  # in every line too: piped and SLURM logs have no progress bar
+        if step > self.timer_step and step < self.total_steps:
+            per_step = (now - self.timer_start - self.paused_seconds) / (step - self.timer_step)
+            eta = f"  eta {format_duration(per_step * (self.total_steps - step))}"
         self.info(f"step {step:>6}  " + "  ".join(
-            f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+            f"{k} {v:.4g}" for k, v in row.items() if k != "step") + eta)
         self.timer_start, self.timer_step, self.paused_seconds = now, step, 0.0
 
     def close(self) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,21 +22,22 @@ from typing import Any
 import jax
 import ml_collections
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gigajax import distributed
+from gigajax.checkpoint import params as params_checkpoint
+from gigajax.checkpoint.manager import Checkpointer
 from gigajax.config import ModelConfig
 from gigajax.data.pipeline import batch_iterator, build_datasets, eval_batches, iterator_step
-from gigajax.distributed import BATCH_SPEC, place_batch, process_rows
 from gigajax.errors import GigajaxError
-from gigajax.mesh import make_mesh, sequence_permutation
-from gigajax.sharding import Layout
-from gigajax.train import ckpt_tools
-from gigajax.train.checkpoint import Checkpointer
+from gigajax.parallel.mesh import make_mesh, sequence_permutation
+from gigajax.parallel.multihost import BATCH_SPEC, is_main_process, place_batch, process_rows
+from gigajax.parallel.rules import Layout
 from gigajax.train.flops import flops_per_token, peak_flops_per_device
 from gigajax.train.logger import MetricsLogger
 from gigajax.train.optim import make_optimizer
+from gigajax.train.preflight import notes as config_notes
+from gigajax.train.preflight import preflight
+from gigajax.train.signals import Preempted, SigtermStop
 from gigajax.train.state import StateBuilder, TrainState, layout_for
 from gigajax.train.step import make_eval_step, make_train_step
 
@@ -73,38 +72,6 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
     return Training(layout, state, train_step, eval_step, schedule)
 
 
-class Preempted(KeyboardInterrupt):
-    """SIGTERM: the run saved a checkpoint after a whole step and stops (exit code 130)."""
-
-
-class SigtermStop:
-    """When to stop on SIGTERM (preemption, `kill`): after a whole step, never inside one.
-
-    One process: a handler sets a flag that the loop reads after each step (raising from the
-    handler could land inside a step, whose donated input state is already gone). Several
-    processes: the signal reaches each at a different step and a save is a collective, so JAX's
-    preemption service catches SIGTERM and `reached_preemption_sync_point` turns True on every
-    process at the same step.
-    """
-
-    def __init__(self, multi_process: bool):
-        self.multi_process = multi_process
-        self.flag = threading.Event()
-        self.previous = None
-        if not multi_process and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.set())
-
-    def reached(self, step: int) -> bool:
-        """Call after every step, on every process: True where all of them stop."""
-        if self.multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.flag.is_set()
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
     """Mean next-token loss over the fixed validation batches (weighted by token count)."""
     sums = [eval_fn(params, b) for b in batches]
@@ -123,30 +90,55 @@ def initial_state(builder: StateBuilder, init_from: str, notes: list[str]) -> Tr
     workdir's latest step, a step directory or a params checkpoint) with a new optimizer."""
     if not init_from:
         return builder.init()
-    found = ckpt_tools.read_params(init_from, flag="train.init_from")
+    found = params_checkpoint.read_params(init_from, flag="train.init_from")
     step = f" (step {found.step})" if found.step is not None else ""
     state = builder.from_params(found.params, f"train.init_from={init_from}")
     notes.append(f"params from {found.path}{step}; optimizer state and step start fresh")
     return state
 
 
+@dataclasses.dataclass
+class RunResult:
+    """What `train` ends with: the final train state (on the mesh), the last logged metrics
+    (`summary`; only `step` when there was nothing to do) and the step the run started at."""
+
+    state: TrainState
+    summary: dict[str, Any]
+    start_step: int
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True
-          ) -> dict[str, Any]:
-    """Train (or resume) per `cfg` in `workdir`; returns a summary of the last logged metrics."""
+          ) -> RunResult:
+    """Train (or resume) per `cfg` in `workdir`: `preflight` first, then the loop (module doc).
+
+    The devices must exist (`parallel/devices.py`); the SIGTERM handler, the progress bar and
+    the files are released when it returns or raises, so it can run again in the same process.
+    """
+    preflight(cfg)
     workdir = Path(workdir)
-    main = distributed.is_main_process()
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    multi_process = jax.process_count() > 1
+    sigterm = SigtermStop(multi_process)  # installed before anything is written
+    try:
+        return _train(cfg, workdir, progress, sigterm, multi_process)
+    finally:
+        sigterm.restore()
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigterm: SigtermStop,
+           multi_process: bool) -> RunResult:
+    main = is_main_process()
     mesh = make_mesh(cfg.mesh, attention_cfg=cfg.attention)
     t, batch_size = cfg.train, cfg.data.batch_size
     with jax.set_mesh(mesh):
         training = build_training(cfg, mesh)
+        if main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
         rows = process_rows(mesh, batch_size)  # this process reads only its own rows
         perm = sequence_permutation(mesh, cfg.data.seq_len, cfg.attention.layout)
         ids, train_ds, val_data = build_datasets(cfg.data, t.seed, rows, perm)
         data_iter = batch_iterator(train_ds)  # its state is saved with every checkpoint
-        notes: list[str] = []  # checkpoint messages, printed once the logger exists
+        notes: list[str] = config_notes(cfg)  # printed once the logger exists
         checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint.max_to_keep,
                                     cfg.checkpoint.keep_every, cfg.checkpoint.async_save,
                                     log=notes.append)
@@ -178,8 +170,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
         def save(step: int, force: bool = False) -> None:
             checkpointer.save(step, state, {**meta, "step": step}, data_iter, force=force)
 
-        multi_process = jax.process_count() > 1
-        sigterm = SigtermStop(multi_process)
         try:
             for step in range(start, t.steps):
                 state, metrics = training.train_step(state, place_batch(next(data_iter), mesh,
@@ -229,8 +219,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
             save(done, force=True)
             raise
         finally:
-            sigterm.restore()
-            checkpointer.wait()
-            checkpointer.close()
-            logger.close()
-    return logger.summary or {"step": start}
+            try:
+                checkpointer.wait()
+                checkpointer.close()
+            finally:
+                logger.close()
+    return RunResult(state, logger.summary or {"step": start}, start)

@@ -20,16 +20,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gigajax.checkpoint.manager import shape_mismatch, tree_shapes
 from gigajax.config import ModelConfig
 from gigajax.errors import GigajaxError
 from gigajax.model import Decoder
-from gigajax.sharding import (
-    Layout,
+from gigajax.parallel.checks import check_backend, check_intent, check_layout
+from gigajax.parallel.rules import Layout, make_layout
+from gigajax.parallel.shardings import (
     abstract_model,
-    check_intent,
-    check_layout,
     init_sharded,
-    make_layout,
+    logical_specs,
     optimizer_shardings,
     param_shardings,
 )
@@ -41,6 +41,7 @@ def layout_for(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     """Check that the model and batch split over `mesh`, and return the layout's rule tables."""
     m, sizes = cfg.model, dict(mesh.shape)
     check_layout(cfg, sizes)
+    check_backend(cfg)
     return make_layout(m.n_kv_heads, sizes, cfg.sharding.zero_stage, cfg.sharding.megatron_sp)
 
 
@@ -55,7 +56,8 @@ class StateBuilder:
         self.graphdef, abstract_params = abstract_model(self.create)
         self.tx, self.mesh = tx, mesh
         params = param_shardings(abstract_params, mesh, layout.params)
-        check_intent(abstract_params, params, mesh, zero_stage=cfg.sharding.zero_stage,
+        check_intent(logical_specs(abstract_params), params, mesh,
+                     zero_stage=cfg.sharding.zero_stage,
                      n_kv_heads=cfg.model.n_kv_heads)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.shardings: TrainState = {
@@ -76,8 +78,6 @@ class StateBuilder:
         """A fresh state (step 0, new optimizer moments) around `pure` (`nnx.to_pure_dict`
         layout, host arrays of any float dtype, cast to the model's), which must have the
         model's shapes; `source` names them in errors."""
-        from gigajax.train.checkpoint import shape_mismatch, tree_shapes
-
         abstract = self.abstract["params"]
         wanted = nnx.to_pure_dict(abstract)
         if problem := shape_mismatch(tree_shapes(pure), tree_shapes(wanted), what=source):

@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from gigajax.ops.loss import chunked_cross_entropy_sums
-from gigajax.sharding import DATA_PARALLEL, Rules, activation_rules
+from gigajax.parallel.rules import DATA_PARALLEL, Rules
+from gigajax.parallel.shardings import activation_rules
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,6 +41,18 @@ CHECKSUMS = "checksums.json"
 # Written by Orbax after our callback (commit marker, step metadata): not needed to restore.
 UNCHECKED = frozenset({CHECKSUMS, "commit_success.txt", "_CHECKPOINT_METADATA"})
 TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # "<step>.orbax-checkpoint-tmp" until commit
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns 'Metadata file does not exist: .../state/_CHECKPOINT_METADATA' whenever it
+    reads an item directory (state/, params/) on its own: the step metadata lives one level up,
+    in the step directory. Nothing is missing, but it reads like corruption, so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 
 
 class CorruptCheckpoint(GigajaxError):

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from gigajax.cli.common import no_extra
 from gigajax.data import readers
-from gigajax.errors import GigajaxError
-
-
-def _no_extra(rest: list[str]) -> None:
-    if rest:
-        raise GigajaxError(f"Unknown argument(s) {' '.join(rest)}; see `gigajax data --help`.")
 
 
 def _add_reading_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +28,7 @@ def _add_reading_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace, rest: list[str]) -> int:
-    _no_extra(rest)
+    no_extra(rest, "data")
     from gigajax.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency,
@@ -46,7 +41,7 @@ def _train_tokenizer(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    _no_extra(rest)
+    no_extra(rest, "data")
     from gigajax.data.prepare import prepare
 
     prepare(args.input, args.tokenizer, args.out, field=args.field, sft=args.sft,

@@ -8,61 +8,52 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from gigajax import api
+from gigajax.checkpoint.params import workdir_of
+from gigajax.cli.common import split_overrides
 from gigajax.errors import GigajaxError
+from gigajax.eval import benchmark
+from gigajax.train.logger import log_console
 
 
-def _overrides(rest: list[str]) -> list[str]:
-    from gigajax.cli import _split_overrides
-
-    return _split_overrides(rest)
-
-
-def _progress(enabled: bool):
+def _progress(enabled: bool) -> Progress:
     """A rich progress bar over grid cells on stderr (a no-op context when disabled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from gigajax.train.logger import log_console
-
     return Progress("[bold]passkey", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=log_console(stderr=True), disable=not enabled)
 
 
 def _passkey(args: argparse.Namespace, rest: list[str]) -> int:
-    from gigajax.eval import benchmark
-    from gigajax.eval.loading import load_trained
-
-    overrides = _overrides(rest)
+    overrides = split_overrides(rest)
     lengths = benchmark.parse_lengths(args.lengths)
     depths = benchmark.parse_depths(args.depths)
-    start = time.perf_counter()
-    trained = load_trained(args.checkpoint, overrides, args.step)
-    rs = trained.config.model.rope_scaling
-    ropes = benchmark.parse_ropes(args.rope, args.rope_factor, rs.type, rs.factor)
-    out_dir = args.output or (trained.workdir / "eval" if trained.workdir else None)
-    if out_dir is None:
-        raise GigajaxError(f"{trained.path} is not inside a training workdir: pass --output DIR "
-                           "for the results.")
-    longest = max(lengths)
-    if longest > trained.config.model.max_seq_len:
-        print(f"note: lengths up to {longest} exceed model.max_seq_len="
-              f"{trained.config.model.max_seq_len}: they test length extrapolation",
-              file=sys.stderr)
+    workdir = workdir_of(args.checkpoint)
+    out_dir = args.output or (workdir / "eval" if workdir else None)
+    if out_dir is None and Path(args.checkpoint).exists():  # (a missing one: the API says so)
+        raise GigajaxError(f"{args.checkpoint} is not inside a training workdir: pass --output "
+                           "DIR for the results.")
+    cells = len(lengths) * len(depths) * max(1, len((args.rope or "x").split(",")))
     with _progress(not args.no_progress) as bar:
-        task = bar.add_task("passkey", total=len(ropes) * len(lengths) * len(depths))
-        result = benchmark.run_passkey(
-            trained, lengths, depths, ropes, samples=args.samples, seed=args.seed,
-            key_digits=args.key_digits, batch_size=args.batch_size,
-            progress=lambda k, total: bar.update(task, completed=k))
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    json_path, png_path = benchmark.write_outputs(result, out_dir)
-    step = f" step {trained.step}" if trained.step is not None else ""
+        task = bar.add_task("passkey", total=cells)
+        result = api.eval_passkey(
+            args.checkpoint, lengths, depths=depths, rope=args.rope,
+            rope_factor=args.rope_factor, samples=args.samples, seed=args.seed,
+            key_digits=args.key_digits, batch_size=args.batch_size, step=args.step,
+            overrides=overrides, output=out_dir,
+            progress=lambda k, total: bar.update(task, completed=k, total=total))
+    max_seq_len = result["config"]["model"]["max_seq_len"]
+    if max(lengths) > max_seq_len:
+        print(f"note: lengths up to {max(lengths)} exceed model.max_seq_len={max_seq_len}: they "
+              "test length extrapolation", file=sys.stderr)
+    step = f" step {result['step']}" if result["step"] is not None else ""
     print(f"PassKey of {result['checkpoint']}{step}: {args.samples} samples per cell, seed "
           f"{args.seed}, trained context {result['trained_context']}, "
           f"{result['seconds']:.0f} s")
     print(benchmark.format_table(result))
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {' and '.join(result['files'])}")
     return 0
 
 

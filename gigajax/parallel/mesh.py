@@ -1,10 +1,13 @@
-"""The device mesh: named axes data, fsdp, sequence, tensor (outermost to innermost).
+"""The device mesh: named axes data, fsdp, sequence, ulysses, tensor (outermost to innermost).
 
-`tensor` is innermost so that it lands on the fastest links (NVLink within a node). Axis types are
-*Auto* on purpose: the model is written as single-device code with sharding constraints and GSPMD
-propagates the rest; collectives are spelled out only inside `shard_map` (ring, all-to-all). JAX's
-default since 0.9, Explicit axes, would require every op's output sharding to be decidable from
-its inputs and rejects gathers such as the embedding lookup (see shared/JAX_NOTES.md).
+The config names four axes (`mesh.data`, `mesh.fsdp`, `mesh.sequence`, `mesh.tensor`); the mesh
+splits `sequence` in two: a ring part (`sequence`, ppermute) outside an all-to-all part
+(`ulysses`, next to `tensor` on the fast links), sized by `attention.sp_impl`. `tensor` is
+innermost so that it lands on the fastest links (NVLink within a node). Axis types are *Auto* on
+purpose: the model is written as single-device code with sharding constraints and GSPMD
+propagates the rest; collectives are spelled out only inside `shard_map` (ring, all-to-all).
+JAX's default since 0.9, Explicit axes, would require every op's output sharding to be
+decidable from its inputs and rejects gathers such as the embedding lookup.
 """
 
 from __future__ import annotations
@@ -16,15 +19,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from gigajax.config.schema import MESH_AXES as AXES
 from gigajax.errors import ConfigError
 from gigajax.ops.layouts import layout_permutation
 
-AXES = ("data", "fsdp", "sequence", "tensor")  # the config's axes (mesh.data, ...)
-# The mesh itself splits `sequence` in two: a ring part (`sequence`, ppermute) outside an
-# all-to-all part (`ulysses`, next to `tensor` on the fast links); sp_impl picks the sizes.
-MESH_AXES = ("data", "fsdp", "sequence", "ulysses", "tensor")
-SEQUENCE_AXES = ("sequence", "ulysses")
-SP_IMPLS = ("ring", "ulysses", "hybrid")
+MESH_AXES = ("data", "fsdp", "sequence", "ulysses", "tensor")  # the Mesh's axes
+SEQUENCE_AXES = ("sequence", "ulysses")  # tokens are split over both
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -88,12 +88,6 @@ def mesh_axis_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int,
 def sequence_size(mesh_sizes: dict[str, int]) -> int:
     """Devices along the sequence: the config's `sequence`, or ring x Ulysses of a mesh."""
     return mesh_sizes["sequence"] * mesh_sizes.get("ulysses", 1)
-
-
-def fixed_device_count(mesh_cfg: ml_collections.ConfigDict) -> int | None:
-    """The device count a mesh config asks for, or None when an axis is -1 (any count)."""
-    sizes = [int(mesh_cfg[axis]) for axis in AXES]
-    return None if -1 in sizes else math.prod(sizes)
 
 
 def sequence_permutation(mesh: Mesh, seq_len: int, layout: str) -> np.ndarray | None:

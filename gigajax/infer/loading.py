@@ -1,9 +1,9 @@
-"""A trained model for evaluation: the params of one checkpoint on one device, and its run's
-config with command-line overrides on top.
+"""A trained model for inference and evaluation: the params of one checkpoint on one device, and
+its run's config with overrides on top.
 
 `--checkpoint` may name a training workdir, its `checkpoints/` directory (the latest step, or
 `step`), one step directory, or a params checkpoint written by `gigajax ckpt export|average`.
-Only the `params` subtree is read (`train/ckpt_tools.py`: no optimizer state, no mesh). The
+Only the `params` subtree is read (`checkpoint/params.py`: no optimizer state, no mesh). The
 config is the one saved with the checkpoint (its `meta`), else the workdir's `config.json`;
 overrides such as `--config.model.rope_scaling.type=yarn` change the model built around the
 params, never their shapes.
@@ -12,6 +12,7 @@ params, never their shapes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ import jax
 import ml_collections
 from flax import nnx
 
-from gigajax.config import ModelConfig, apply_override, base_config, validate
+from gigajax.checkpoint.manager import shape_mismatch, tree_shapes
+from gigajax.checkpoint.params import read_params
+from gigajax.config import ModelConfig, apply_overrides, base_config, config_from_dict
 from gigajax.errors import GigajaxError
 from gigajax.model import Decoder
-from gigajax.sharding import abstract_model
-from gigajax.train import ckpt_tools
-from gigajax.train.checkpoint import shape_mismatch, tree_shapes
+from gigajax.parallel.shardings import abstract_model
+from gigajax.train.preflight import preflight
 
 
 @dataclasses.dataclass
@@ -39,27 +41,27 @@ class Trained:
     workdir: Path | None  # the training workdir, when the checkpoint lies in one
 
 
-def load_trained(checkpoint: str | Path, overrides: list[str] = (), step: int | None = None
-                 ) -> Trained:
+def load_trained(checkpoint: str | Path, overrides: list[str] = (), step: int | None = None,
+                 named: Mapping[str, Any] | None = None) -> Trained:
     """Read the params and config of `checkpoint` (see the module docstring)."""
-    found = ckpt_tools.read_params(checkpoint, step)
+    found = read_params(checkpoint, step)
     if found.config is None:
         raise GigajaxError(f"{found.path} holds no config (meta has none and there is no "
                            "config.json beside it): cannot tell which model the params are.")
-    cfg = config_with_overrides(found.config, overrides)
+    cfg = config_with_overrides(found.config, overrides, named)
     device = jax.devices()[0]
     params = jax.tree.map(lambda x: jax.device_put(x, device), found.params)
     return Trained(params, cfg, found.config, found.step, found.path, found.workdir)
 
 
-def config_with_overrides(saved: dict, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+def config_with_overrides(saved: dict, overrides: list[str] = (),
+                          named: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The saved config over today's defaults (fields added since keep their default), with
-    `--config.a.b=v` overrides applied, validated."""
-    cfg = base_config()
-    cfg.update(saved)
-    for item in overrides:
-        apply_override(cfg, item)
-    validate(cfg)
+    `"a.b=v"` overrides and then `{"a.b": v}` ones applied, checked by `preflight`."""
+    cfg = config_from_dict(saved)
+    apply_overrides(cfg, overrides)
+    apply_overrides(cfg, named or {})
+    preflight(cfg)
     return cfg
 
 
@@ -76,8 +78,7 @@ def build_model(params: dict, cfg: ml_collections.ConfigDict) -> Decoder:
     # as training's init_from does: a bf16 export runs with the config's fp32 params
     nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda x, w: x.astype(w.dtype), params,
                                                     wanted))
-    with nnx.use_eager_sharding(False):  # one device: sharding names stay metadata
-        return nnx.merge(graphdef, abstract)
+    return nnx.merge(graphdef, abstract)
 
 
 def trained_context(saved: dict[str, Any]) -> int:

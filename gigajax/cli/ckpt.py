@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from gigajax.checkpoint import params
+from gigajax.cli.common import no_extra
 from gigajax.errors import GigajaxError
 
-DTYPE_CHOICES = ("float32", "bfloat16")
-
-
-def _no_extra(rest: list[str]) -> None:
-    if rest:
-        raise GigajaxError(f"unknown argument(s) {' '.join(rest)}: see `gigajax ckpt --help`.")
+DTYPE_CHOICES = tuple(params.DTYPES)
 
 
 def parse_steps(text: str) -> list[int]:
@@ -24,18 +21,14 @@ def parse_steps(text: str) -> list[int]:
 
 
 def _average(args: argparse.Namespace, rest: list[str]) -> int:
-    _no_extra(rest)
-    from gigajax.train import ckpt_tools
-
-    ckpt_tools.average(args.workdir, parse_steps(args.steps), args.out, args.dtype)
+    no_extra(rest, "ckpt")
+    params.average(args.workdir, parse_steps(args.steps), args.out, args.dtype)
     return 0
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
-    _no_extra(rest)
-    from gigajax.train import ckpt_tools
-
-    ckpt_tools.export(args.workdir, args.out, args.step, args.dtype)
+    no_extra(rest, "ckpt")
+    params.export(args.workdir, args.out, args.step, args.dtype)
     return 0
 
 
@@ -44,7 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ckpt = commands.add_parser(
         "ckpt", help="checkpoint tools: average, export",
         description="Tools over a run's checkpoints (<workdir>/checkpoints/<step>/). Both write a "
-                    "params-only checkpoint that `gigajax.train.ckpt_tools.load_params` reads.")
+                    "params-only checkpoint that `gigajax.checkpoint.params.load_params` reads.")
     tools = ckpt.add_subparsers(dest="ckpt_command", required=True)
     average = tools.add_parser(
         "average", help="mean of the parameters of several steps",

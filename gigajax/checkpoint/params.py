@@ -23,8 +23,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gigajax.errors import GigajaxError
-from gigajax.train.checkpoint import (
+from gigajax.checkpoint.manager import (
     CorruptCheckpoint,
     shape_mismatch,
     tree_metadata,
@@ -32,6 +31,7 @@ from gigajax.train.checkpoint import (
     verify_checksums,
     write_checksums,
 )
+from gigajax.errors import GigajaxError
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 FORMAT = "gigajax-params-v1"
@@ -136,6 +136,19 @@ def _is_params_dir(path: Path) -> bool:
     return (path / "params").is_dir() and (path / "meta").is_dir()
 
 
+def workdir_of(checkpoint: str | Path) -> Path | None:
+    """The training workdir a checkpoint path lies in: the path itself, the parent of its
+    `checkpoints/`, or of a step directory's; None for a params checkpoint elsewhere."""
+    path = Path(checkpoint).absolute()
+    if (path / "checkpoints").is_dir():
+        return path
+    if path.name == "checkpoints":
+        return path.parent
+    if _is_step_dir(path) and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
 def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--checkpoint"
                 ) -> Params:
     """The params of `checkpoint`: a training workdir (its latest step, or `step`), its
@@ -145,10 +158,9 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
     if not path.exists():
         raise GigajaxError(f"{flag} {checkpoint} does not exist: pass a training workdir (the "
                            "--workdir of `gigajax train`) or a checkpoint directory in it.")
-    workdir = path if (path / "checkpoints").is_dir() else (
-        path.parent if path.name == "checkpoints" else None)
-    verified = workdir is not None  # step_directory checks the checksums
-    if workdir is not None:
+    workdir = workdir_of(path)
+    verified = (path / "checkpoints").is_dir() or path.name == "checkpoints"
+    if verified:  # a workdir or its checkpoints/: step_directory picks and checks the step
         try:
             directory = step_directory(workdir, step)
         except GigajaxError as error:  # no checkpoint yet, no such step, corrupt: say which flag
@@ -161,8 +173,6 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
             raise GigajaxError(f"--step {step}: {path} is a params checkpoint, which holds one "
                                "set of params; leave --step out.")
         directory = path
-        if _is_step_dir(path) and path.parent.name == "checkpoints":
-            workdir = path.parent.parent
     else:
         raise GigajaxError(
             f"{flag} {checkpoint} is not a training workdir (no checkpoints/ inside), a "

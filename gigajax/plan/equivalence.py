@@ -6,12 +6,7 @@ reports per layout: the loss at each step and the largest relative difference of
 the first step's gradients and of the final parameters against one device. Run it before a big
 job on a new layout; it exits 1 when a layout is off by more than the tolerances.
 
-A layout is a comma-separated list of `key=value`: mesh axes (`data`, `fsdp`, `sequence`,
-`tensor`; missing ones are 1, `-1` is the rest of the devices: on CPU the command simulates 8, or
-as many as the largest fixed layout needs) and the `sharding` options
-(`zero_stage=1|3`, `megatron_sp=0|1`) and the `attention` options of sequence parallelism
-(`sp_impl=ring|ulysses|hybrid`, `layout=contiguous|striped|zigzag`, `ulysses_degree=N`).
-Layouts are separated by `;`, for example
+Layouts are written as in `layouts.py`, e.g.
 `data=8;fsdp=8;fsdp=8,zero_stage=1;tensor=4,megatron_sp=1;data=2,fsdp=2,tensor=2`.
 """
 
@@ -20,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,76 +27,15 @@ from jax.sharding import NamedSharding
 from rich.console import Console
 from rich.table import Table
 
-from gigajax.config import validate
 from gigajax.data.pipeline import build_datasets, permute_batch
-from gigajax.distributed import BATCH_SPEC, place_batch
-from gigajax.errors import ConfigError
-from gigajax.mesh import AXES, make_mesh, sequence_permutation
-from gigajax.train.logger import log_console
+from gigajax.errors import GigajaxError
+from gigajax.parallel.mesh import AXES, make_mesh, sequence_permutation
+from gigajax.parallel.multihost import BATCH_SPEC, place_batch
+from gigajax.plan.layouts import Layout, layout_config, layout_name
 from gigajax.train.loop import build_training
 from gigajax.train.step import make_loss_fn
 
-SHARDING_KEYS = ("zero_stage", "megatron_sp")
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # fp32 tolerances of the equivalence tests
-
-ATTENTION_KEYS = ("sp_impl", "layout", "ulysses_degree")  # config.attention.*
-TEXT_KEYS = ("sp_impl", "layout")
-KEYS = (*AXES, *SHARDING_KEYS, *ATTENTION_KEYS)
-
-Layout = dict[str, int | bool | str]
-
-
-def parse_layouts(text: str) -> list[Layout]:
-    """`"data=8;tensor=2,data=4"` -> [{"data": 8}, {"tensor": 2, "data": 4}]."""
-    layouts = []
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        layout: Layout = {}
-        for pair in filter(None, (p.strip() for p in item.split(","))):
-            key, sep, value = pair.partition("=")
-            if not sep or key not in KEYS:
-                raise ConfigError(f"layout {item!r}: {pair!r} is not key=value with a key among "
-                                  f"{', '.join(KEYS)}.")
-            if key in TEXT_KEYS:
-                layout[key] = value
-                continue
-            try:
-                layout[key] = int(value) if key != "megatron_sp" else bool(int(value))
-            except ValueError:
-                raise ConfigError(f"layout {item!r}: {key}={value!r} must be an integer.") from None
-        layouts.append(layout)
-    if not layouts:
-        raise ConfigError("--layouts is empty: give layouts like 'data=8;fsdp=8;tensor=2,data=4'.")
-    return layouts
-
-
-def layout_name(layout: Layout) -> str:
-    return ",".join(f"{k}={v if isinstance(v, str) else int(v)}"
-                    for k, v in layout.items()) or "1 device"
-
-
-def devices_needed(layouts: list[Layout], default: int = 8) -> int:
-    """Most devices any layout asks for; at least `default` when one says -1 (the rest)."""
-    sizes = [[int(layout.get(a, 1)) for a in AXES] for layout in layouts]
-    fixed = [math.prod(s) for s in sizes if -1 not in s]
-    needed = max(fixed, default=1)
-    return needed if len(fixed) == len(sizes) else max(needed, default)
-
-
-def layout_config(cfg: ml_collections.ConfigDict, layout: Layout,
-                  dtype: str | None = "float32") -> ml_collections.ConfigDict:
-    """`cfg` on the layout's mesh (unnamed axes 1), sharding and attention options; in float32
-    for comparisons (`dtype=None` keeps the config's compute dtype)."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    if dtype is not None:
-        c.model.dtype = dtype
-    c.mesh.update({axis: int(layout.get(axis, 1)) for axis in AXES})
-    c.sharding.update({k: v for k, v in layout.items() if k in SHARDING_KEYS})
-    c.attention.update({k: v for k, v in layout.items() if k in ATTENTION_KEYS})
-    try:
-        validate(c)
-    except ConfigError as error:
-        raise ConfigError(f"layout {layout_name(layout)!r}: {error}") from None
-    return c
 
 
 @dataclasses.dataclass
@@ -170,29 +105,48 @@ def compare(run: LayoutRun, reference: LayoutRun) -> dict[str, Any]:
 def check_layouts(cfg: ml_collections.ConfigDict, layouts: list[Layout], steps: int = 3,
                   output: str | Path | None = None, console: Console | None = None
                   ) -> list[dict[str, Any]]:
-    """Run every layout and one device on the same `steps` batches; print and return the rows."""
-    console = console or log_console()
-    for layout in layouts:  # all config errors before any compiling
-        layout_config(cfg, layout)
+    """Run every layout and one device on the same `steps` batches; the rows (one device first).
+
+    A layout that cannot run (it does not split, or needs more devices than there are) gets a
+    row with `ok` False and its `error`, and the others still run. With a `console`, progress
+    and the table are printed on it; `output` also writes the rows as JSON.
+    """
     _, train_ds, _ = build_datasets(cfg.data, cfg.train.seed)
     batches = [train_ds[s] for s in range(steps)]
-    console.print(f"{len(layouts)} layouts x {steps} steps, float32, against one device "
-                  f"({jax.device_count()} {jax.default_backend()} devices)")
+    if console:
+        console.print(f"{len(layouts)} layouts x {steps} steps, float32, against one device "
+                      f"({jax.device_count()} {jax.default_backend()} devices)")
     reference = run_layout(cfg, {}, batches)
     rows = [compare(reference, reference)]
     for layout in layouts:
-        with console.status(f"layout {layout_name(layout)}"):
-            rows.append(compare(run_layout(cfg, layout, batches), reference))
+        with console.status(f"layout {layout_name(layout)}") if console else nullcontext():
+            try:
+                rows.append(compare(run_layout(cfg, layout, batches), reference))
+            except GigajaxError as error:
+                rows.append({"layout": layout_name(layout), "losses": [], "ok": False,
+                             "error": str(error)})
+    if console:
+        print_rows(rows, console)
+    if output:
+        Path(output).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
+    """The rows as a table, and what `ok` means; a failed layout's error under the table."""
     table = Table(title="Layouts against one device (relative differences; fp32)")
     for column in ("layout", "loss per step", "loss", "grads", "params (end)", "ok"):
         table.add_column(column, justify="left" if column in ("layout", "ok") else "right")
     for row in rows:
+        if "error" in row:
+            table.add_row(row["layout"], "-", "-", "-", "-", "NO (see below)")
+            continue
         table.add_row(row["layout"], " ".join(f"{x:.6f}" for x in row["losses"]),
                       f"{row['loss_rel_diff']:.1e}", f"{row['grad_rel_diff']:.1e}",
                       f"{row['param_rel_diff']:.1e}", "yes" if row["ok"] else "NO")
     console.print(table)
     console.print(f"ok: loss within {LOSS_RTOL:.0e}, gradients and parameters within "
                   f"{GRAD_RTOL:.0e} (max |a-b| / max |b| per parameter, worst parameter).")
-    if output:
-        Path(output).write_text(json.dumps(rows, indent=2))
-    return rows
+    for row in rows:
+        if "error" in row:
+            console.print(f"layout {row['layout']}: {row['error']}")

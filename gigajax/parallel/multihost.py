@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax.errors import ConfigError
-from gigajax.mesh import SEQUENCE_AXES
+from gigajax.parallel.mesh import SEQUENCE_AXES
 
 # [B, T]: rows over data x fsdp, tokens (in the sequence layout's order) over ring x Ulysses
 BATCH_SPEC = PartitionSpec(("data", "fsdp"), SEQUENCE_AXES)

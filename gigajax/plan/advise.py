@@ -26,7 +26,9 @@ import ml_collections
 
 from gigajax.config import ModelConfig
 from gigajax.errors import ConfigError
-from gigajax.plan import GiB, layer_comm_bytes, plan
+from gigajax.parallel.mesh import mesh_shape
+from gigajax.plan.comm import layer_comm_bytes
+from gigajax.plan.planner import GiB, plan
 from gigajax.train.flops import flops_per_token
 
 REMATS = ("none", "dots", "minimal", "full")
@@ -110,31 +112,79 @@ def step_seconds(cfg: ml_collections.ConfigDict, devices: int, result: dict[str,
     return seconds
 
 
+def layout_key(cfg: ml_collections.ConfigDict, devices: int) -> tuple:
+    """What tells two candidates apart: mesh sizes, sequence method, Megatron-SP, remat."""
+    sizes = mesh_shape(cfg.mesh, devices)
+    sp = (cfg.attention.sp_impl, cfg.attention.ulysses_degree) if sizes["sequence"] > 1 else ()
+    return (tuple(sizes.values()), sp, bool(cfg.sharding.megatron_sp), cfg.model.remat)
+
+
+def config_flags(cfg: ml_collections.ConfigDict, devices: int) -> str:
+    """The command-line overrides that select this candidate's layout and remat."""
+    sizes = mesh_shape(cfg.mesh, devices)
+    flags = [f"--config.mesh.{axis}={n}" for axis, n in sizes.items()]
+    if sizes["sequence"] > 1:
+        flags.append(f"--config.attention.sp_impl={cfg.attention.sp_impl}")
+        if cfg.attention.sp_impl == "hybrid":
+            flags.append(f"--config.attention.ulysses_degree={cfg.attention.ulysses_degree}")
+    flags.append(f"--config.sharding.megatron_sp={str(bool(cfg.sharding.megatron_sp)).lower()}")
+    flags.append(f"--config.model.remat={cfg.model.remat}")
+    return " ".join(flags)
+
+
+def _row(name: str, c: ml_collections.ConfigDict, devices: int, max_memory: float,
+         hardware: Hardware) -> dict[str, Any]:
+    result = plan(c, devices)  # ConfigError when the layout does not split
+    seconds = step_seconds(c, devices, result, hardware)
+    return {"layout": name, "mesh": dict(c.mesh), "sp_impl": c.attention.sp_impl,
+            "remat": c.model.remat, "flags": config_flags(c, devices),
+            "predicted_bytes_per_device": result["predicted_bytes_per_device"],
+            "bytes": result["bytes"], "comm_bytes_per_step": result["comm_bytes_per_step"],
+            "seconds": seconds, "step_seconds": sum(seconds.values()),
+            "fits": result["predicted_bytes_per_device"] <= max_memory, "current": False}
+
+
 def advise(cfg: ml_collections.ConfigDict, devices: int, max_memory: float,
            hardware: Hardware = Hardware()) -> dict[str, Any]:
-    """Every candidate layout planned; fitting ones ranked by estimated step time."""
+    """Every candidate layout planned; fitting ones ranked by estimated step time. The config's
+    own layout is marked `current` (and planned too when it is not a candidate), and
+    `current_rank` says where it ranks (None, with `current_error`, when it does not split)."""
     rows, rejected = [], {}
+    own = layout_key(cfg, devices) if _splits(cfg, devices) else None
     for name, c in candidate_configs(cfg, devices, hardware):
         try:
-            result = plan(c, devices)
+            rows.append(_row(name, c, devices, max_memory, hardware))
         except ConfigError as error:
             rejected[name] = str(error)
             continue
-        seconds = step_seconds(c, devices, result, hardware)
-        rows.append({"layout": name, "mesh": dict(c.mesh), "sp_impl": c.attention.sp_impl,
-                     "remat": c.model.remat,
-                     "predicted_bytes_per_device": result["predicted_bytes_per_device"],
-                     "bytes": result["bytes"], "comm_bytes_per_step": result["comm_bytes_per_step"],
-                     "seconds": seconds, "step_seconds": sum(seconds.values()),
-                     "fits": result["predicted_bytes_per_device"] <= max_memory})
+        rows[-1]["current"] = layout_key(c, devices) == own
+    current_error = None if own is not None else (
+        f"its mesh {dict(cfg.mesh)} does not fit {devices} devices")
+    if own is not None and not any(r["current"] for r in rows):
+        try:
+            rows.append({**_row("the config's own layout", cfg, devices, max_memory, hardware),
+                         "current": True})
+        except ConfigError as error:
+            current_error = str(error)
     rows.sort(key=lambda r: (not r["fits"], r["step_seconds"] if r["fits"]
                              else r["predicted_bytes_per_device"]))
     for row in rows:
         row["why"] = explain(row, max_memory)
+    current_rank = next((i for i, r in enumerate(rows, 1) if r["current"]), None)
     return {"devices": devices, "seq_len": cfg.data.seq_len, "max_memory_bytes": int(max_memory),
             "hardware": dataclasses.asdict(hardware), "layouts": rows,
             "fitting": sum(r["fits"] for r in rows), "rejected": rejected,
+            "current_rank": current_rank, "current_error": current_error,
             "crossover": tp_sp_crossover(cfg, crossover_degree(cfg, devices, hardware))}
+
+
+def _splits(cfg: ml_collections.ConfigDict, devices: int) -> bool:
+    """Whether the config's own mesh fits `devices` at all (its -1 axis resolved)."""
+    try:
+        mesh_shape(cfg.mesh, devices)
+    except ConfigError:
+        return False
+    return True
 
 
 def crossover_degree(cfg: ml_collections.ConfigDict, devices: int, hardware: Hardware) -> int:
@@ -218,11 +268,21 @@ def format_advice(result: dict[str, Any], top: int = 10) -> str:
     lines = [f"{result['devices']} devices, T = {result['seq_len']:,} tokens, budget "
              f"{result['max_memory_bytes'] / GiB:.1f} GiB per device: {result['fitting']} of "
              f"{len(result['layouts'])} layouts fit ({len(result['rejected'])} do not split)",
-             f"{'rank':<5}{'layout':<{width}}{'GiB/dev':>9}{'est. s/step':>13}  why"]
+             f"{'rank':<6}{'layout':<{width}}{'GiB/dev':>9}{'est. s/step':>13}  why"]
     for i, row in enumerate(shown, 1):
-        lines.append(f"{i:<5}{row['layout']:<{width}}"
+        rank = f"{i}{'*' if row['current'] else ''}"
+        lines.append(f"{rank:<6}{row['layout']:<{width}}"
                      f"{row['predicted_bytes_per_device'] / GiB:>9.1f}"
                      f"{row['step_seconds']:>13.2f}  {row['why']}")
+        lines.append(f"{'':<6}{row['flags']}")
+    rank = result["current_rank"]
+    if rank is None:
+        lines.append(f"* the config's own layout is not ranked: {result['current_error']}")
+    else:
+        own = result["layouts"][rank - 1]
+        lines.append(f"* the config's own layout ({own['layout']}) ranks {rank} of "
+                     f"{len(result['layouts'])}"
+                     + ("" if own["fits"] else " (it does not fit the budget)"))
     cross = result["crossover"]
     lines.append(f"TP vs SP over {cross['degree']} devices (bytes sent per layer; SP sends "
                  f"less above T*, d_model = {cross['d_model']}):")

@@ -1,0 +1,164 @@
+"""The config's schema: `base_config()` (the ConfigDict users edit, override and save), the
+values each choice field accepts, and the typed frozen sections the code reads.
+
+A config is an `ml_collections.ConfigDict` with sections model, attention, data, train, optim,
+mesh, sharding, checkpoint; `configs/*.py` start from `base_config()` and override what differs.
+The choice tuples here are the single list of what a field accepts: `validate.py` checks against
+them and the layers that implement each choice (ops, parallel, model, train) are tested to
+implement exactly these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+ROPE_SCALINGS = ("none", "linear", "yarn")
+REMAT_POLICIES = ("none", "dots", "minimal", "full")  # model/remat.py says what each keeps
+ATTENTION_IMPLS = ("reference", "blockwise", "xla", "cudnn")  # ops/attention.py
+SP_IMPLS = ("ring", "ulysses", "hybrid")  # sequence parallelism over mesh.sequence
+SEQUENCE_LAYOUTS = ("contiguous", "striped", "zigzag")  # ops/layouts.py
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # the config's mesh.* fields, outer to inner
+ZERO_STAGES = (1, 3)
+DATA_SOURCES = ("stdlib", "prepared", "passkey")
+NONFINITE_POLICIES = ("skip", "stop")
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+SCHEDULES = ("cosine", "linear", "constant")
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every config; each config file overrides what differs."""
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        vocab_size=384,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        head_dim=0,  # 0: d_model // n_heads
+        mlp_dim=768,
+        max_seq_len=1024,
+        rope_theta=10_000.0,
+        # type: none | linear (position interpolation, Chen et al. 2023) | yarn (Peng et al. 2023)
+        # original_max_seq_len: the context the model was (pre)trained at; 0 = max_seq_len / factor
+        rope_scaling=dict(type="none", factor=1.0, original_max_seq_len=0,
+                          beta_fast=32.0, beta_slow=1.0),
+        sliding_window=0,  # 0: full causal attention
+        tie_embeddings=False,
+        norm_eps=1e-5,
+        init_std=0.02,
+        dtype="auto",  # compute dtype (auto: bf16 on accelerators, fp32 on CPU); params fp32
+        scan_layers=True,
+        remat="none",  # none | full | dots | minimal
+    )
+    # sequence parallelism over mesh.sequence (see gigajax/ops/ring.py, ulysses.py, layouts.py):
+    # sp_impl ring | ulysses | hybrid (Ulysses degree `ulysses_degree` inside a ring);
+    # layout contiguous | striped | zigzag: which tokens each ring device holds
+    c.attention = dict(impl="blockwise", block_q=512, block_kv=512, sp_impl="ring",
+                       layout="zigzag", ulysses_degree=1)
+    # source stdlib | prepared (`gigajax data prepare` output: data.path, or data.mixture
+    # 'DIR=WEIGHT,DIR=WEIGHT'); tokenizer auto: byte for stdlib, the manifest's for prepared.
+    # val_fraction, max_bytes: stdlib only. fim_rate: share of documents rewritten for FIM.
+    # source passkey: generated PassKey documents (data/synthetic.py) with keys of
+    # min_key_digits (0: key_digits) to key_digits digits; the answer's tokens have loss weight 1,
+    # the rest text_weight (0: answer only); short_rate: share without the instruction
+    c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
+                  batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0,
+                  passkey=dict(key_digits=5, min_key_digits=0, text_weight=0.0,
+                               short_rate=0.0))
+    c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
+                   checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0,
+                   nonfinite="skip",  # NaN/Inf loss or grad norm: skip (drop the update) | stop
+                   loss_chunks=1,  # > 1: head + loss over that many token slices (long context)
+                   # a checkpoint (workdir, step dir, or `ckpt export` output) whose params start
+                   # the run, with a fresh optimizer and step 0; unused once the run has its own
+                   init_from="")
+    # warmup_steps longer than train.steps is shortened to train.steps (with a note)
+    c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
+                   b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+                   moment_dtype="float32", decay_norms_and_embeddings=False)
+    c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)  # -1: the rest of the devices
+    # zero_stage 3: parameters and optimizer state over `fsdp` (FSDP); 1: optimizer state only.
+    # megatron_sp: split norm/residual activations over `tensor` too (Megatron sequence parallel).
+    c.sharding = dict(zero_stage=3, megatron_sp=False)
+    # keep the last max_to_keep checkpoints, plus every one whose step is a multiple of keep_every
+    c.checkpoint = dict(max_to_keep=3, keep_every=0, async_save=True)
+    return ml_collections.ConfigDict(c)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Typed, frozen view of `config.model` (+ attention) that the model code reads."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_seq_len: int
+    rope_theta: float
+    rope_scaling: str
+    rope_factor: float
+    rope_original_max_seq_len: int
+    rope_beta_fast: float
+    rope_beta_slow: float
+    sliding_window: int
+    tie_embeddings: bool
+    norm_eps: float
+    init_std: float
+    dtype: str
+    scan_layers: bool
+    remat: str
+    attention_impl: str
+    block_q: int
+    block_kv: int
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> ModelConfig:
+        """Resolve defaults (head_dim 0, dtype auto, YaRN original length 0) into values."""
+        m, rs = cfg.model, cfg.model.rope_scaling
+        return cls(
+            vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads, head_dim=head_dim(m), mlp_dim=m.mlp_dim,
+            max_seq_len=m.max_seq_len, rope_theta=float(m.rope_theta),
+            rope_scaling=rs.type, rope_factor=float(rs.factor),
+            rope_original_max_seq_len=(rs.original_max_seq_len
+                                       or int(m.max_seq_len / rs.factor)),
+            rope_beta_fast=float(rs.beta_fast), rope_beta_slow=float(rs.beta_slow),
+            sliding_window=m.sliding_window, tie_embeddings=m.tie_embeddings,
+            norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=compute_dtype(m.dtype),
+            scan_layers=m.scan_layers, remat=m.remat, attention_impl=cfg.attention.impl,
+            block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv)
+
+
+def head_dim(model_cfg: ml_collections.ConfigDict) -> int:
+    """`model.head_dim`, or d_model // n_heads when it is 0."""
+    return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+
+
+def compute_dtype(name: str) -> str:
+    """`model.dtype` with 'auto' resolved: bfloat16 on GPU/TPU, float32 on CPU (this asks JAX
+    for its backend, which starts it: call it after the devices are set up)."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def warmup_steps(cfg: ml_collections.ConfigDict) -> int:
+    """The warmup the run uses: `optim.warmup_steps`, at most `train.steps` (a short try of a
+    long config warms up over its whole length rather than being refused)."""
+    return min(int(cfg.optim.warmup_steps), int(cfg.train.steps))
+
+
+def fixed_device_count(mesh_cfg: ml_collections.ConfigDict) -> int | None:
+    """The device count a mesh config asks for, or None when an axis is -1 (any count)."""
+    sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
+    return None if -1 in sizes else math.prod(sizes)

@@ -1,0 +1,61 @@
+"""The model's weights as data: every parameter's path, shape and logical axis names, read off
+the Decoder itself by `jax.eval_shape` (nothing is allocated). The planner and the FLOP counter
+read this list, so a new parameter is counted the moment the model has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from flax import nnx
+
+from gigajax.config import ModelConfig
+from gigajax.model.decoder import Decoder
+from gigajax.parallel.shardings import abstract_model, logical_specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One parameter array: its path in the model ('blocks/attn/wq'), shape and logical names.
+    Layer weights carry a leading `layers` axis (they are stacked for the layer scan)."""
+
+    path: str
+    shape: tuple[int, ...]
+    names: tuple[str | None, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def per_layer(self) -> bool:
+        return bool(self.names) and self.names[0] == "layers"
+
+    @property
+    def is_matrix(self) -> bool:
+        """Two or more dims besides `layers`: a projection, the embedding or the head."""
+        return sum(n != "layers" for n in self.names) >= 2
+
+
+@functools.lru_cache(maxsize=64)
+def weights(cfg: ModelConfig) -> tuple[Weight, ...]:
+    """Every parameter of the decoder of `cfg`, in the model's own order."""
+    _, abstract = abstract_model(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    specs = nnx.to_flat_state(logical_specs(abstract))
+    shapes = dict(nnx.to_flat_state(abstract))
+    return tuple(Weight("/".join(map(str, path)), tuple(shapes[path].shape),
+                        tuple(spec.get_value())) for path, spec in specs)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the decoder."""
+    return sum(w.size for w in weights(cfg))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: every matrix but the input embedding
+    table, which is a lookup (with tied embeddings it is also the LM head, and counts)."""
+    lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    return sum(w.size for w in weights(cfg) if w.is_matrix) - lookup

@@ -1,0 +1,29 @@
+"""The MLP of a block: SwiGLU (Shazeer 2020), down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gigajax.config import ModelConfig
+from gigajax.model.layers import residual_init, weight_init
+from gigajax.parallel.shardings import constrain, param
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP: gate and up [D, F] (column-parallel over `mlp`), down [F, D] (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_dim
+        init, out_init = weight_init(cfg), residual_init(cfg)
+        self.w_gate = param(rngs, init, (D, F), ("embed", "mlp"))
+        self.w_up = param(rngs, init, (D, F), ("embed", "mlp"))
+        self.w_down = param(rngs, out_init, (F, D), ("mlp", "embed"))
+
+    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        dtype = x_BTD.dtype
+        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dtype))
+        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dtype))
+        hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "inner_seq", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.w_down[...].astype(dtype))

@@ -1,0 +1,93 @@
+"""Bytes each device sends per optimizer step, per mesh axis, from formulas (ring-algorithm
+volumes): an all-reduce of X bytes over n devices sends 2(n-1)/n X, an all-gather or
+reduce-scatter (n-1)/n X, an all-to-all (n-1)/n X, and a ring step of attention one K/V block
+per neighbour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import ml_collections
+
+from gigajax.config import ModelConfig
+from gigajax.model.inventory import Weight, weights
+from gigajax.parallel.rules import shard_shape
+from gigajax.plan.memory import layer_shape, layout_of, nbytes, state_bytes
+
+
+def block_of(weight: Weight) -> str | None:
+    """Which block of a layer a weight belongs to: attention (and its norm), mlp, or None."""
+    if weight.path.startswith("blocks/attn"):
+        return "attention"
+    return "mlp" if weight.path.startswith("blocks/mlp") else None
+
+
+def layer_comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]
+                     ) -> dict[str, dict[str, float]]:
+    """Bytes one device sends per optimizer step for one layer, per block and mesh axis.
+
+    Activation traffic grows with the tokens a device holds: tensor sends one all-reduce (or
+    all-gather + reduce-scatter with Megatron-SP) of the block's b s h output forward and one
+    backward, the ring sends K and V round once forward and K, V, dK, dV backward, Ulysses
+    all-to-alls q, k, v and the output forward and their gradients backward (full remat repeats
+    the forward's). Weight traffic is fixed per layer: the block's gradients, all-reduced over
+    the devices holding the same shard (data, sequence), and ZeRO-3's gathers over `fsdp`.
+    """
+    m = ModelConfig.from_config(cfg)
+    x = layer_shape(cfg, sizes)
+    layout = layout_of(cfg, sizes)
+    tokens = cfg.train.microbatches * x.b * x.s
+    forward_passes = 2 if m.remat == "full" else 1
+    f, t, ring, u = (sizes.get(a, 1) for a in ("fsdp", "tensor", "sequence", "ulysses"))
+    dp_like = sizes.get("data", 1) * ring * u
+    out: dict[str, dict[str, float]] = {}
+    for block in ("attention", "mlp"):
+        grads = sum(nbytes(shard_shape(w.shape[1:], w.names[1:], layout.params, sizes),
+                           jnp.float32) for w in weights(m) if block_of(w) == block)
+        sent: dict[str, float] = {}
+        if f > 1:
+            zero3 = cfg.sharding.zero_stage == 3
+            gathers = 2 * cfg.train.microbatches if zero3 else 1
+            sent["fsdp"] = (f - 1) / f * grads * (f if zero3 else 1) * (gathers + 1)
+        if dp_like > 1:
+            sent["data+sequence"] = 2 * (dp_like - 1) / dp_like * grads
+        if t > 1:
+            sent["tensor"] = 2 * 2 * (t - 1) / t * tokens * x.h * x.p * (forward_passes + 1) / 2
+        if block == "attention" and ring > 1:
+            kv_block = tokens * x.kv_heads * x.e * x.p * 2  # K and V of one device's tokens
+            sent["sequence"] = (ring - 1) * kv_block * (forward_passes + 2)
+        if block == "attention" and u > 1:
+            qkvo = tokens * (2 * x.heads + 2 * x.kv_heads) * u * x.e * x.p
+            sent["ulysses"] = (u - 1) / u * qkvo * (forward_passes + 1)
+        out[block] = sent
+    return out
+
+
+def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Bytes one device sends per optimizer step, per mesh axis (ring-algorithm volumes).
+
+    data (+ sequence): gradient all-reduce. fsdp: ZeRO-3 all-gathers the parameters for the
+    forward and again for the backward and reduce-scatters the gradients (ZeRO-1: reduce-scatter
+    gradients, all-gather updated parameters). tensor, sequence (ring) and ulysses: the
+    activation traffic of `layer_comm_bytes`, times the layers.
+    """
+    m = ModelConfig.from_config(cfg)
+    state = state_bytes(cfg, sizes)
+    grads_unsharded_over_fsdp = state["grads"] * (sizes.get("fsdp", 1)
+                                                  if cfg.sharding.zero_stage == 3 else 1)
+    out: dict[str, int] = {}
+    f = sizes.get("fsdp", 1)
+    if f > 1:
+        gathers = 2 * cfg.train.microbatches if cfg.sharding.zero_stage == 3 else 1
+        out["fsdp"] = int((f - 1) / f * grads_unsharded_over_fsdp * (gathers + 1))
+    dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
+    if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
+        out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])
+    per_layer = layer_comm_bytes(cfg, sizes)
+    for axis in ("tensor", "sequence", "ulysses"):
+        sent = sum(block.get(axis, 0.0) for block in per_layer.values())
+        if sent:
+            out[axis] = int(m.n_layers * sent)
+    return out

@@ -1,0 +1,163 @@
+"""Per-device memory of a train step under a layout, from formulas: nothing is built or run.
+
+The train state is counted from the model's own weight list (`model/inventory.py`) sharded by
+the layout's own rule tables (`parallel/rules.make_layout`), so parameter, gradient and
+optimizer bytes are exact. Activations follow Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models"), adapted to this model (SwiGLU, GQA, RMSNorm, no
+dropout, flash attention; see docs/planning.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from gigajax.config import ModelConfig, compute_dtype
+from gigajax.model.inventory import Weight, weights
+from gigajax.parallel.rules import kv_heads_on_tensor, make_layout, shard_shape
+from gigajax.train.optim import make_optimizer
+
+
+def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def layout_of(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]):
+    """The layout's rule tables for `cfg` on a mesh of `sizes`."""
+    return make_layout(cfg.model.n_kv_heads, sizes, cfg.sharding.zero_stage,
+                       cfg.sharding.megatron_sp)
+
+
+def state_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Per-device bytes of parameters (fp32), gradients (fp32, laid out like the parameters)
+    and optimizer state (moments laid out like their parameter under the optimizer rules;
+    Adafactor's factored statistics and all counters replicated, as `parallel/shardings.py`
+    places them)."""
+    layout, model_weights = layout_of(cfg, sizes), weights(ModelConfig.from_config(cfg))
+    params = sum(nbytes(shard_shape(w.shape, w.names, layout.params, sizes), jnp.float32)
+                 for w in model_weights)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract = {w.path: jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in model_weights}
+    by_path = {w.path: w for w in model_weights}
+
+    def moment_bytes(moment: jax.ShapeDtypeStruct, weight: Weight) -> int:
+        if moment.shape == weight.shape:  # a moment: laid out like its parameter
+            return nbytes(shard_shape(moment.shape, weight.names, layout.optimizer, sizes),
+                          moment.dtype)
+        return nbytes(moment.shape, moment.dtype)  # factored statistics: replicated
+
+    sized = optax.tree_map_params(
+        tx, moment_bytes, jax.eval_shape(tx.init, abstract), by_path,
+        transform_non_params=lambda leaf: nbytes(leaf.shape, leaf.dtype),  # counters
+        is_leaf=lambda x: isinstance(x, Weight))
+    optimizer = sum(jax.tree.leaves(sized))
+    return {"params": params, "grads": params, "optimizer": optimizer}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The per-device extents one layer's activations have under a layout."""
+
+    b: int  # sequences per device per microbatch
+    s: int  # tokens per sequence held by a device (seq_len / sequence)
+    s_kv: int  # keys each query block sees at once: the whole sequence
+    h: int  # d_model
+    heads: int  # query heads per device (after tensor and Ulysses splits)
+    kv_heads: int  # KV heads per device
+    e: int  # head dim
+    f: int  # mlp width per device
+    v: int  # vocabulary per device
+    sp_t: int  # Megatron-SP divisor of the residual stream (tensor, else 1)
+    p: int  # bytes per activation element (compute dtype)
+
+
+def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Shape:
+    """Per-device activation extents of one transformer layer under `sizes`."""
+    m = ModelConfig.from_config(cfg)
+    t, n_sp = sizes.get("tensor", 1), sizes.get("sequence", 1) * sizes.get("ulysses", 1)
+    ulysses = sizes.get("ulysses", 1)
+    batch = cfg.data.batch_size // cfg.train.microbatches
+    kv_local = kv_heads_on_tensor(m.n_kv_heads, t).per_shard
+    return Shape(
+        b=max(1, batch // (sizes.get("data", 1) * sizes.get("fsdp", 1))),
+        s=cfg.data.seq_len // n_sp, s_kv=cfg.data.seq_len, h=m.d_model,
+        heads=max(1, m.n_heads // t // ulysses), kv_heads=max(1, kv_local // ulysses), e=m.head_dim,
+        f=-(-m.mlp_dim // t), v=-(-m.vocab_size // t),
+        sp_t=t if cfg.sharding.megatron_sp else 1,
+        p=jnp.dtype(compute_dtype(m.dtype)).itemsize)
+
+
+def layer_activation_bytes(x: Shape, flash: bool) -> int:
+    """Bytes one layer keeps for its backward pass (no remat), per device.
+
+    Korthikanti et al. count, for a GPT layer in 2-byte activations, sbh(34 + 5as/h): per
+    token, 11h in attention (+ 5as for scores, softmax and its dropout mask), 19h in the MLP
+    (4h wide, GeLU, dropout) and 4h in two LayerNorms. This layer has no dropout, RMSNorm,
+    RoPE, GQA and SwiGLU of width F; per token, in p-byte elements, JAX's autodiff keeps
+    (`jax.ad_checkpoint.print_saved_residuals` on one block):
+      6h     two norms x (normalised input, scaled output), the residual after attention and
+             the MLP output (split by Megatron-SP with the residual stream)
+      2 a e  q after RoPE and the attention output
+      3 k e  k before and after RoPE, and v
+      6F     gate, up, the three intermediates of silu(gate) and the product
+    plus the attention's fp32 logsumexp (4 bytes per head) with flash attention, or the
+    probabilities and scores (2 a s_kv elements) without.
+    """
+    per_token = ((6 * x.h) / x.sp_t + 2 * x.heads * x.e + 3 * x.kv_heads * x.e + 6 * x.f) * x.p
+    per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv * x.p
+    return int(x.b * x.s * per_token)
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Per-device activation bytes of a train step: layers (under `model.remat`), the head,
+    and the backward's working set of one layer (about one layer's activations: with remat,
+    the recomputed ones; the gradients flowing through are fused away or freed at once).
+
+    none: every layer's activations. full: each layer's input (p s b h / sp_t, the scan carry).
+    dots: the weight matmuls' outputs (q, k, v, the attention projection, gate, up, down: per
+    token 2h/sp_t + a e + 2 k e + 2F) and the layer input. minimal: the attention output and
+    logsumexp, and the layer input. The head keeps the final norm (2h / sp_t, p bytes) and the
+    fp32 loss over the vocabulary shard: saved are exp(logits), the one-hot select and its
+    mask (9 v bytes per token); at its peak XLA also holds the logits, the shifted logits and
+    their gradient (12 v bytes more). With `train.loss_chunks` = n the loss keeps only its
+    input and holds those 21 v bytes for one slice of tokens (1/n) at a time.
+    """
+    x, m = layer_shape(cfg, sizes), cfg.model
+    flash = cfg.attention.impl in ("blockwise", "cudnn")
+    one = layer_activation_bytes(x, flash)
+    tokens = x.b * x.s
+    layer_input = tokens * x.h * x.p // x.sp_t
+    lse = 4 * x.heads * tokens if flash else 0
+    saved = {
+        "none": one,
+        "full": layer_input,
+        "dots": layer_input + tokens * x.p * (2 * x.h / x.sp_t + x.heads * x.e
+                                              + 2 * x.kv_heads * x.e + 2 * x.f),
+        "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
+    }[m.remat]
+    working = one  # the backward of one layer (with remat: its recomputed activations)
+    head = tokens * 2 * x.h * x.p // x.sp_t + 21 * x.v * tokens // cfg.train.loss_chunks
+    return {"layers": int(m.n_layers * saved + working), "head": int(head), "per_layer": one,
+            "gathered": gathered_weight_bytes(cfg, sizes)}
+
+
+def gathered_weight_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> int:
+    """ZeRO-3 gathers each weight whole over `fsdp` where it is used: at the peak, the largest
+    gathered set (one layer's weights, or the embedding / LM head) is held in fp32 besides the
+    shards."""
+    if sizes.get("fsdp", 1) == 1 or cfg.sharding.zero_stage != 3:
+        return 0
+    m = ModelConfig.from_config(cfg)
+    unsharded = {**sizes, "fsdp": 1}  # still split over `tensor`
+    rules = make_layout(m.n_kv_heads, unsharded, 3, cfg.sharding.megatron_sp).params
+    whole = {w: nbytes(shard_shape(w.shape, w.names, rules, unsharded), jnp.float32)
+             for w in weights(m)}
+    layer = sum(size for w, size in whole.items() if w.per_layer) // m.n_layers
+    return max(layer, *(size for w, size in whole.items() if w.is_matrix and not w.per_layer))
