@@ -2,7 +2,8 @@
 
 The public API (`gigajax/api.py`, documented in docs/api.md): `load_config`, `validate`,
 `simulate_cpu_devices`, `train` -> `Run`, `load` -> `LM`, `build_model`, `plan`, `advise`,
-`check_layouts`, and the model class `Decoder`. Errors a user can fix are `GigajaxError`s.
+`check_layouts`, `eval_passkey`, and the model class `Decoder`. Errors a user can fix are
+`GigajaxError`s.
 """
 
 from gigajax.api import (
@@ -11,6 +12,7 @@ from gigajax.api import (
     advise,
     build_model,
     check_layouts,
+    eval_passkey,
     load,
     load_config,
     plan,
@@ -24,5 +26,5 @@ from gigajax.model import Decoder
 __version__ = "0.1.0"
 
 __all__ = ["LM", "ConfigError", "DataError", "Decoder", "GigajaxError", "Run", "advise",
-           "build_model", "check_layouts", "load", "load_config", "plan",
+           "build_model", "check_layouts", "eval_passkey", "load", "load_config", "plan",
            "simulate_cpu_devices", "train", "validate"]

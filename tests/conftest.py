@@ -1,11 +1,37 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere, and compiling made
+cheap: one JAX compilation cache for the whole run, and LLVM at -O0.
+
+Compiling is most of the suite's time (one test file: 4 min 47 s cold, 65 s with every program
+already compiled), and the tests' programs are tiny, so XLA's CPU backend generates code without
+LLVM's optimisation passes (`--xla_backend_optimization_level=0`: a third less compile time).
+The HLO is the same and every comparison is between programs compiled alike; what users run is
+compiled at the default level (the PassKey training test and the notebooks' own `gigajax train`
+runs drop these flags).
+
+The cache: the suite compiles the same programs many times over (the tiny config's one-device
+reference in every equivalence test, the same train step in every CLI subprocess and notebook),
+so the first compile of each is kept on disk and reused by every worker and subprocess of this
+run (they inherit the environment). It starts empty in a new temporary directory each run, is
+removed at the end, and changes no result: an executable read back is the one XLA compiled.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags.strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller; workers inherit it
+    _CACHE = tempfile.mkdtemp(prefix="gigajax-test-jit-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+else:
+    _CACHE = None
 
 import jax  # noqa: E402
 
@@ -22,3 +48,9 @@ def pytest_collection_modifyitems(config, items):
     """Longest tests first, so that with a worker per core none of them starts last on one
     worker while the others sit idle (the order of the rest is kept)."""
     items.sort(key=lambda item: -_expected_seconds(item))
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes with it (only the process that made it removes it)."""
+    if _CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from support import subprocess_env
 
 import gigajax
 from gigajax.errors import ConfigError, GigajaxError
@@ -142,7 +143,7 @@ def test_check_layouts_reports_a_bad_layout_in_its_row_and_goes_on():
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    clean = subprocess_env()
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**clean, **env})
 
@@ -157,7 +158,7 @@ def test_simulate_cpu_devices_first_in_a_fresh_process_and_too_late_after():
     assert "simulate_cpu_devices(4) before anything else" in late.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_the_issue_s_python_session_in_a_fresh_process(tmp_path):
     """The README's Python example, as a new user runs it: 20 steps of tiny on 2 simulated
     devices, then a continuation from the saved run."""

@@ -35,7 +35,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_train_tokenizer_prepare_train_resume_export(corpus, tmp_path, capsys):
     tokenizer = tmp_path / "tok" / "tokenizer.json"
     assert gigajax(["data", "train-tokenizer", "--input", str(corpus / "code.jsonl"),

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from support import subprocess_env
 
 from gigajax import cli
 from gigajax.checkpoint.manager import CHECKSUMS, Checkpointer
@@ -372,7 +373,7 @@ def test_two_processes_agree_on_the_fallback(tmp_path):
     """Process 1's shard of step 20 is truncated: both processes fall back to step 10 together
     (process 0 verifies, the verdict is shared), and step 20 is saved again."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path)],
                                 cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT) for i in range(2)]

@@ -5,7 +5,6 @@ itself under a stand-in `srun` that starts its tasks on this machine.
 """
 
 import json
-import os
 import random
 import signal
 import socket
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--config", str(ROOT / "configs" / "tiny.py"), "--no-progress",
@@ -24,7 +24,7 @@ RUN = ["--config", str(ROOT / "configs" / "tiny.py"), "--no-progress",
        "--config.attention.block_kv=32", "--config.train.steps=3", "--config.train.log_every=1",
        "--config.optim.warmup_steps=1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
        "--config.mesh.tensor=2"]
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI sets device counts
+ENV = subprocess_env()  # the CLI sets device counts
 
 
 def free_port() -> int:
@@ -117,7 +117,7 @@ SEQUENCE_ACROSS_PROCESSES = ("--config.mesh.data=1", "--config.mesh.fsdp=1",
                              "--config.mesh.tensor=1", "--config.mesh.sequence=8")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize("how", ["flags", "slurm", "sbatch", "sequence"])
 def test_two_processes_match_one(how, tmp_path, one_process_losses):
     port = free_port()
@@ -138,7 +138,7 @@ def test_two_processes_match_one(how, tmp_path, one_process_losses):
         assert abs(a - b) <= 1e-5 * abs(b)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_sigterm_to_one_process_saves_on_all_and_resumes(tmp_path):
     """Preemption of a multi-process run: SIGTERM reaches one process; all save the same step."""
     steady = ["--config.train.checkpoint_every=100000", "--config.optim.schedule=constant"]

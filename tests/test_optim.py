@@ -91,6 +91,20 @@ def test_schedule_warms_up_to_peak_then_decays_to_floor(kind):
         np.testing.assert_array_less(0.5 + 1.5 * 0.75, schedule(20))
 
 
+def test_wsd_stays_flat_then_settles_over_its_last_fraction():
+    """schedule=wsd, 100 steps, warmup 10, decay over the last 0.2: flat at lr from step 10 to
+    80, then a straight line to lr * min_lr_ratio at step 100."""
+    _, schedule = make_optimizer(
+        optim_cfg(lr=2.0, warmup_steps=10, schedule="wsd", min_lr_ratio=0.25,
+                  wsd_decay_fraction=0.2), total_steps=100)
+    np.testing.assert_allclose(schedule(5), 1.0, rtol=1e-6)
+    for step in (10, 45, 80):
+        np.testing.assert_allclose(schedule(step), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(schedule(90), 0.5 + 1.5 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(schedule(100), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(schedule(130), 0.5, rtol=1e-6)
+
+
 def stacked_params() -> dict:
     """A model-like tree: w/bias/norm, scanned blocks with [L, D] norms, an embed table."""
     ones = jnp.ones

@@ -143,7 +143,7 @@ COMPILED = ["data=8", "fsdp=8", "data=2,tensor=4", "fsdp=2,tensor=4,megatron_sp=
             "fsdp=8,remat=full"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 @pytest.mark.parametrize("layout", COMPILED)
 def test_prediction_within_15_percent_of_xla(layout):
     """The `small` config (124M, 12 layers, fp32, 8 x 512 tokens): the formulas against XLA's
@@ -230,7 +230,7 @@ def test_tp_sp_crossover_falls_out_of_the_traffic():
     assert cross["ulysses_mlp"] == mlp  # the MLP block moves no tokens under Ulysses
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_compiled_memory_stays_linear_in_sequence_length():
     """Mask tiles derived from positions must not be hoisted out of the layer scan (nor
     folded as constants): then XLA's memory grows ~linearly in T, as the planner's does."""
@@ -244,3 +244,14 @@ def test_compiled_memory_stays_linear_in_sequence_length():
     for overrides in ([], ["--config.attention.sp_impl=ulysses"]):
         short, long = compiled(2048, *overrides), compiled(8192, *overrides)
         assert long / short < 6, (overrides, short, long)  # quadratic would be ~16
+
+
+def test_plan_table_picks_the_unit_by_size():
+    """tiny's state is a few MiB: the table says so rather than 0.00 GiB."""
+    from gigajax.plan.planner import format_bytes, format_plan
+
+    assert [format_bytes(n) for n in (512, 3 * 2**20, 1.5 * 2**30)] == [
+        "512 B", "3.00 MiB", "1.50 GiB"]
+    table = format_plan(planner.plan(load_config(TINY), 2))
+    assert "0.00 GiB" not in table and "MiB" in table
+    assert "0.89M parameters" in table

@@ -2,7 +2,6 @@
 the batches seen in order), and non-finite steps are skipped or stop the run as configured."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from support import subprocess_env
 
 from gigajax.checkpoint.manager import Checkpointer
 from gigajax.cli import main as cli_main
@@ -45,7 +45,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def run_train(workdir: Path, kill_at: int | None, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     env["KILL_AT"] = str(kill_at or -1)
     args = [sys.executable, "-c", KILLER, "train", "--config", str(TINY), "--workdir",
             str(workdir), "--no-progress", *RUN, *overrides]
@@ -68,7 +68,7 @@ def final_state(workdir: Path, step: int, *overrides: str):
     return jax.device_get(state)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_kill_9_at_three_steps_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """SIGKILL after step 5 (mid-interval), after step 8 (just after checkpoint 8's asynchronous
     save started; it may or may not be complete) and after step 11; each time rerun. The final

@@ -3,16 +3,17 @@ JSON and the Pareto PNG, with every layout reaching the same loss."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sweep_three_layouts(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets 8
+    env = subprocess_env()  # the script sets 8
     result = subprocess.run(
         [sys.executable, "experiments/sweep_mesh.py", "--config", "configs/tiny.py",
          "--layouts", "data=8;fsdp=2,tensor=4;sequence=8,sp_impl=ulysses", "--remat", "none",

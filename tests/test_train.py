@@ -1,7 +1,6 @@
 """Train step and loop: accumulation equivalence, end-to-end CLI training, exact resume."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from support import subprocess_env
 
 from gigajax.config import load_config
 from gigajax.parallel.mesh import make_mesh
@@ -71,7 +71,7 @@ def cli_command(workdir, *overrides):
     args = [sys.executable, "-m", "gigajax.cli", "train", "--config", str(TINY), "--workdir",
             str(workdir), "--no-progress", *SMALL_RUN, *overrides]
     return {"args": args, "cwd": ROOT, "text": True,
-            "env": {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}}
+            "env": subprocess_env()}
 
 
 def cli(workdir, *overrides):
@@ -83,7 +83,7 @@ def read_metrics(workdir):
             if line]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_cli_trains_tiny_and_resumes(tmp_path):
     run = cli(tmp_path, "--config.train.steps=50", "--config.train.eval_every=25",
               "--config.optim.warmup_steps=10")
@@ -105,7 +105,7 @@ def test_cli_trains_tiny_and_resumes(tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_resume_gives_the_same_run_as_no_interruption(tmp_path):
     """10 steps, stop, 10 more: the same losses (bit for bit) as 20 steps in one go."""
     overrides = SMALL_RUN + ["--config.mesh.data=-1", "--config.optim.schedule=constant",
@@ -122,7 +122,7 @@ def test_resume_gives_the_same_run_as_no_interruption(tmp_path):
         (r["loss"], r.get("eval_loss")) for r in b]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_sigterm_saves_a_checkpoint_that_the_next_run_resumes(tmp_path):
     """A killed run (SIGTERM, as on preemption) saves where it stopped; rerunning continues."""
     import signal
@@ -147,3 +147,19 @@ def test_sigterm_saves_a_checkpoint_that_the_next_run_resumes(tmp_path):
     assert f"resuming at step {saved[0]}" in resumed.stderr
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == sorted(set(steps)) and steps[-2:] == [saved[0] + 1, saved[0] + 2]
+
+
+def test_every_logged_line_carries_the_eta(tmp_path, capsys):
+    """Piped and SLURM logs have no progress bar: each step line ends with the ETA."""
+    import jax.numpy as jnp
+
+    from gigajax.train.logger import MetricsLogger, format_duration
+
+    assert [format_duration(s) for s in (42, 185, 3720)] == ["42s", "3m05s", "1h02m"]
+    logger = MetricsLogger(tmp_path, 0, 100, 10, 1024, progress=False)
+    metrics = {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(1e-3)}
+    for step in range(1, 21):
+        logger.record(step, metrics)
+    logger.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step")]
+    assert len(lines) == 2 and all(" eta " in line for line in lines)

@@ -35,15 +35,22 @@ def _passkey(args: argparse.Namespace, rest: list[str]) -> int:
     if out_dir is None and Path(args.checkpoint).exists():  # (a missing one: the API says so)
         raise GigajaxError(f"{args.checkpoint} is not inside a training workdir: pass --output "
                            "DIR for the results.")
-    cells = len(lengths) * len(depths) * max(1, len((args.rope or "x").split(",")))
-    with _progress(not args.no_progress) as bar:
-        task = bar.add_task("passkey", total=cells)
+    bar = _progress(not args.no_progress)  # shown once the first cell is scored
+    task = bar.add_task("passkey", total=None)
+
+    def progress(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
         result = api.eval_passkey(
             args.checkpoint, lengths, depths=depths, rope=args.rope,
             rope_factor=args.rope_factor, samples=args.samples, seed=args.seed,
             key_digits=args.key_digits, batch_size=args.batch_size, step=args.step,
-            overrides=overrides, output=out_dir,
-            progress=lambda k, total: bar.update(task, completed=k, total=total))
+            overrides=overrides, output=out_dir, progress=progress)
+    finally:
+        bar.stop()
     max_seq_len = result["config"]["model"]["max_seq_len"]
     if max(lengths) > max_seq_len:
         print(f"note: lengths up to {max(lengths)} exceed model.max_seq_len={max_seq_len}: they "

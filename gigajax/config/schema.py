@@ -26,7 +26,7 @@ ZERO_STAGES = (1, 3)
 DATA_SOURCES = ("stdlib", "prepared", "passkey")
 NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
@@ -78,7 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
                    # the run, with a fresh optimizer and step 0; unused once the run has its own
                    init_from="")
     # warmup_steps longer than train.steps is shortened to train.steps (with a note)
+    # schedule wsd: flat after warmup, then linear to min_lr_ratio over the last
+    # wsd_decay_fraction of the steps
     c.optim = dict(name="adamw", lr=3e-4, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
+                   wsd_decay_fraction=0.2,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)
     c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)  # -1: the rest of the devices

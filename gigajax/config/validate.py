@@ -177,6 +177,9 @@ def _check_optim(cfg: ml_collections.ConfigDict) -> None:
             "whole run)")
     require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio,
             "use a value in [0, 1]")
+    require(0.0 < o.wsd_decay_fraction <= 1.0, "optim.wsd_decay_fraction",
+            o.wsd_decay_fraction, "use a value in (0, 1]: the share of train.steps that "
+            "schedule=wsd decays over")
     require(o.clip_norm is None or o.clip_norm >= 0, "optim.clip_norm", o.clip_norm,
             "use a value >= 0 (0 or None turns clipping off)")
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use a value >= 0")

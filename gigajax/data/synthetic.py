@@ -172,4 +172,4 @@ def check_passkey_config(data_cfg: ml_collections.ConfigDict, tok: Tokenizer) ->
         raise ConfigError(f"config.data.seq_len={data_cfg.seq_len} is too short for PassKey: "
                           f"a document without filler takes {need} tokens with "
                           f"data.passkey.key_digits={digits}; use data.seq_len >= {need - 1} "
-                          "(256 or more leaves room for filler).")
+                          f"({need - 1 + 64} or more leaves room for filler), or shorter keys.")

@@ -21,11 +21,16 @@ NO_DECAY_KEYS = ("norm", "bias", "embed")
 
 
 def make_schedule(
-    lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float
+    lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float,
+    wsd_decay_fraction: float = 0.2,
 ) -> optax.Schedule:
-    """Linear warmup 0 -> lr, then cosine/linear decay to lr*min_lr_ratio, or flat."""
+    """Linear warmup 0 -> lr, then cosine/linear decay to lr*min_lr_ratio, or flat; or `wsd`
+    (warmup-stable-decay, Hu et al. 2024): flat at lr, then a linear decay over the last
+    `wsd_decay_fraction` of the steps (a long flat phase, and a short one that settles)."""
     end = lr * min_lr_ratio
     decay_steps = max(total_steps - warmup_steps, 1)
+    wsd_steps = max(round(wsd_decay_fraction * total_steps), 1)
+    wsd_start = max(total_steps - wsd_steps, warmup_steps)
 
     def schedule(step: jax.Array) -> jax.Array:
         """Learning rate at optimizer step `step` (0-based; step warmup_steps is the peak)."""
@@ -36,6 +41,9 @@ def make_schedule(
             after = end + (lr - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
         elif kind == "linear":
             after = lr + (end - lr) * frac
+        elif kind == "wsd":
+            settle = jnp.clip((step - wsd_start) / max(total_steps - wsd_start, 1), 0.0, 1.0)
+            after = lr + (end - lr) * settle
         else:
             after = jnp.full_like(frac, lr)
         return jnp.where(step < warmup_steps, warm, after)
@@ -73,7 +81,8 @@ def make_optimizer(
     """
     cfg = optim_cfg  # field-checked by config.validate
     warmup = min(cfg.warmup_steps, total_steps)  # a short try of a long config still warms up
-    schedule = make_schedule(cfg.lr, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio)
+    schedule = make_schedule(cfg.lr, warmup, total_steps, cfg.schedule, cfg.min_lr_ratio,
+                             cfg.get("wsd_decay_fraction", 0.2))
     mask: Callable[[Any], Any] | None = (
         None if cfg.get("decay_norms_and_embeddings", False) else decay_mask
     )

@@ -1,0 +1,31 @@
+"""The notebooks run headless from top to bottom, in fresh kernels, as users will run them."""
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("notebooks_run", ROOT / "notebooks" / "run.py")
+run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run)
+
+EXPECTED = ["01_quickstart", "02_mesh_layouts", "03_long_context"]
+
+
+def test_the_three_notebooks_exist_with_their_outputs_committed():
+    assert [p.stem for p in run.NOTEBOOKS] == EXPECTED
+    for path in run.NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert code and all(c.execution_count for c in code), f"{path.name} is not executed"
+        errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{path.name} was committed with an error"
+
+
+@pytest.mark.slow(seconds=150)
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_runs_headless(name):
+    """Every cell runs without an error (nbclient raises CellExecutionError on the first)."""
+    run.execute(ROOT / "notebooks" / f"{name}.ipynb", save=False)
