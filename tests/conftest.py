@@ -5,8 +5,7 @@ Compiling is most of the suite's time (one test file: 4 min 47 s cold, 65 s with
 already compiled), and the tests' programs are tiny, so XLA's CPU backend generates code without
 LLVM's optimisation passes (`--xla_backend_optimization_level=0`: a third less compile time).
 The HLO is the same and every comparison is between programs compiled alike; what users run is
-compiled at the default level (the PassKey training test and the notebooks' own `gigajax train`
-runs drop these flags).
+compiled at the default level (the PassKey training test drops these flags).
 
 The cache: the suite compiles the same programs many times over (the tiny config's one-device
 reference in every equivalence test, the same train step in every CLI subprocess and notebook),
