@@ -19,6 +19,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from gigajax.parallel.devices import without_device_count
+
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
 CELL_TIMEOUT_S = 900
@@ -28,8 +30,7 @@ def execute(path: Path, save: bool) -> float:
     """Run every cell of `path` in a new kernel; the wall time in seconds."""
     book = nbformat.read(path, as_version=4)
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in flag)
+    env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
     client = NotebookClient(book, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(HERE)}})

@@ -173,3 +173,11 @@ def test_the_issue_s_python_session_in_a_fresh_process(tmp_path):
     assert "steps 20 2" in result.stdout  # logged at steps 10 and 20
     assert "warming up over all 20 steps" in result.stderr
     assert "Metadata file does not exist" not in result.stderr
+
+
+def test_without_device_count_keeps_every_other_flag():
+    from gigajax.parallel.devices import without_device_count
+
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    assert without_device_count(flags) == "--xla_backend_optimization_level=0"
+    assert without_device_count("") == ""

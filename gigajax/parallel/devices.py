@@ -20,6 +20,12 @@ from gigajax.errors import ConfigError, GigajaxError
 _FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
+def without_device_count(xla_flags: str) -> str:
+    """`xla_flags` less the simulated-device count, for a child process that picks its own
+    (the other flags kept)."""
+    return " ".join(flag for flag in xla_flags.split() if not _FLAG.fullmatch(flag))
+
+
 def _flagged_count() -> int | None:
     match = _FLAG.search(os.environ.get("XLA_FLAGS", ""))
     return int(match.group(1)) if match else None

@@ -22,7 +22,7 @@ NO_DECAY_KEYS = ("norm", "bias", "embed")
 
 def make_schedule(
     lr: float, warmup_steps: int, total_steps: int, kind: str, min_lr_ratio: float,
-    wsd_decay_fraction: float = 0.2,
+    wsd_decay_fraction: float,
 ) -> optax.Schedule:
     """Linear warmup 0 -> lr, then cosine/linear decay to lr*min_lr_ratio, or flat; or `wsd`
     (warmup-stable-decay, Hu et al. 2024): flat at lr, then a linear decay over the last
