@@ -1,6 +1,7 @@
 """The notebooks run headless from top to bottom, in fresh kernels, as users will run them."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nbformat
@@ -12,6 +13,10 @@ run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run)
 
 EXPECTED = ["01_quickstart", "02_mesh_layouts", "03_long_context"]
+# The suite's `-O0` (conftest.py) pays where compiling dominates: 02 compiles a program per
+# layout and runs each twice (63 s at the default level, 50 s at -O0). 01 and 03 train for tens
+# of steps, which run faster compiled at the default level (01: 78 s at -O0, 50 s without).
+COMPILE_BOUND = {"02_mesh_layouts"}
 
 
 def test_the_three_notebooks_exist_with_their_outputs_committed():
@@ -26,6 +31,10 @@ def test_the_three_notebooks_exist_with_their_outputs_committed():
 
 @pytest.mark.slow(seconds=150)
 @pytest.mark.parametrize("name", EXPECTED)
-def test_notebook_runs_headless(name):
+def test_notebook_runs_headless(name, monkeypatch):
     """Every cell runs without an error (nbclient raises CellExecutionError on the first)."""
+    if name not in COMPILE_BOUND:
+        flags = os.environ.get("XLA_FLAGS", "").split()
+        monkeypatch.setenv("XLA_FLAGS", " ".join(
+            f for f in flags if not f.startswith("--xla_backend_optimization_level")))
     run.execute(ROOT / "notebooks" / f"{name}.ipynb", save=False)
