@@ -154,41 +154,6 @@ def test_shorter_keys_and_short_documents_only_where_asked():
     assert lengths == {1, 2, 3, 4, 5}
 
 
-def _filler_shares(windows: PasskeyWindows, n: int) -> list[float]:
-    """Each whole document's filler as a share of the filler it could have had (its window's
-    room at its start, less the document without filler)."""
-    shares = []
-    for i in range(n):
-        tokens, _ = windows[i]
-        ends = np.flatnonzero(tokens == TOK.eos_id)
-        room = windows.seq_len + 1
-        for lo, hi in zip([0, *(ends + 1)], ends + 1, strict=False):
-            text = TOK.decode(tokens[lo:hi])
-            key = text.split("The pass key is ")[1].split(".")[0]
-            bare = synthetic.fixed_tokens(TOK, key, synthetic.INSTRUCTION in text)
-            bare += len(TOK.encode(synthetic.ANSWER.format(key=key))) + 1
-            shares.append((hi - lo - bare) / (room - bare + 1))
-            room -= hi - lo
-    return shares
-
-
-def test_length_power_gives_most_documents_little_filler_and_1_changes_nothing():
-    """length_power=3: a document's filler share is u**3 (mean 1/4, median 1/8) instead of
-    uniform (mean 1/2); the default draws exactly the windows it drew before the field existed."""
-    uniform = PasskeyWindows(TOK, 512, seed=0, min_key_digits=1, short_rate=0.5)
-    skewed = PasskeyWindows(TOK, 512, seed=0, min_key_digits=1, short_rate=0.5, length_power=3)
-    flat, cubed = _filler_shares(uniform, 200), _filler_shares(skewed, 200)
-    assert abs(np.mean(flat) - 0.5) < 0.05 and abs(np.median(flat) - 0.5) < 0.07
-    assert abs(np.mean(cubed) - 0.25) < 0.04 and abs(np.median(cubed) - 0.125) < 0.05
-    # the windows the code drew before length_power existed (printed by it), so no stored
-    # recipe's data moves
-    before = [(" 65230.", 26002), (" 40375. 1.", 26097), (" 63.", 26931)]
-    windows = PasskeyWindows(TOK, 300, seed=0, min_key_digits=1, short_rate=0.5)
-    for i, (answers, token_sum) in enumerate(before):
-        tokens, weights = windows[i]
-        assert (TOK.decode(tokens[weights == 1]), int(tokens.sum())) == (answers, token_sum)
-
-
 def test_batches_train_on_the_answer_targets_and_resume_by_step():
     ids, train_ds, val = pipeline.build_datasets(passkey_data_cfg(), seed=5)
     assert ids.vocab_size == TOK.vocab_size and ids.eos_id == TOK.eos_id
@@ -218,8 +183,6 @@ def test_batches_train_on_the_answer_targets_and_resume_by_step():
     ({"passkey": {"min_key_digits": 6}}, r"data\.passkey\.min_key_digits=6.*1 to 5"),
     ({"passkey": {"text_weight": 1.5}}, r"data\.passkey\.text_weight=1\.5.*\[0, 1\]"),
     ({"passkey": {"short_rate": -0.1}}, r"data\.passkey\.short_rate=-0\.1.*\[0, 1\]"),
-    ({"passkey": {"length_power": 0}}, r"data\.passkey\.length_power=0.*\(0, 16\]"),
-    ({"passkey": {"length_power": float("inf")}}, r"data\.passkey\.length_power=inf"),
     ({"seq_len": 150}, r"data\.seq_len=150 is too short for PassKey.*>= 192"),
     ({"fim_rate": 0.5}, r"data\.fim_rate=0\.5.*PassKey"),
 ])
@@ -393,10 +356,10 @@ def test_extension_script_fine_tunes_from_the_base_and_draws_every_panel(trained
     assert str(trained_run) in tuned.config.train.init_from
 
 
-@pytest.mark.slow(seconds=420)
+@pytest.mark.slow(seconds=540)
 def test_passkey_tiny_learns_the_task_at_its_training_length(tmp_path):
     """configs/passkey_tiny.py, trained as configured by `gigajax train` (2 simulated devices,
-    1,200 steps: about 6 minutes on 2 idle CPU cores), retrieves the 5-digit key in >= 90% of 50
+    1,600 steps: about 9 minutes on 2 idle CPU cores), retrieves the 5-digit key in >= 90% of 50
     prompts (5 depths x 10) at its training length."""
     from gigajax.config import load_config
 

@@ -65,12 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
     # val_fraction, max_bytes: stdlib only. fim_rate: share of documents rewritten for FIM.
     # source passkey: generated PassKey documents (data/synthetic.py) with keys of
     # min_key_digits (0: key_digits) to key_digits digits; the answer's tokens have loss weight 1,
-    # the rest text_weight (0: answer only); short_rate: share without the instruction;
-    # length_power: filler uniform (1) or mostly short (>1: a share u**power of the room)
+    # the rest text_weight (0: answer only); short_rate: share without the instruction
     c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
                   batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0,
                   passkey=dict(key_digits=5, min_key_digits=0, text_weight=0.0,
-                               short_rate=0.0, length_power=1.0))
+                               short_rate=0.0))
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
                    checkpoint_every=200, seed=0, z_loss=0.0, peak_flops_per_device=0.0,
                    nonfinite="skip",  # NaN/Inf loss or grad norm: skip (drop the update) | stop

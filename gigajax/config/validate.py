@@ -9,7 +9,6 @@ touches a file or a device, and `gigajax.validate` is that.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ml_collections
@@ -151,10 +150,6 @@ def validate_data(data_cfg: ml_collections.ConfigDict) -> None:
             f"use 0 (every key has data.passkey.key_digits={digits} digits) or 1 to {digits}")
     _fraction(d, "passkey.text_weight", "data.")
     _fraction(d, "passkey.short_rate", "data.")
-    power = pk.length_power
-    require(isinstance(power, (int, float)) and not isinstance(power, bool)
-            and 0 < power <= 16 and math.isfinite(power), "data.passkey.length_power", power,
-            "use a number in (0, 16]: 1 draws prompt lengths uniformly, 3 makes most short")
 
 
 def _check_train(cfg: ml_collections.ConfigDict) -> None:

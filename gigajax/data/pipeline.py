@@ -418,10 +418,9 @@ def build_datasets(
     if data_cfg.source == "passkey":
         tok, pk = _generated_tokenizer(data_cfg), data_cfg.passkey
         train = [PasskeyWindows(tok, data_cfg.seq_len, seed, "train", pk.key_digits,
-                                pk.text_weight, pk.short_rate, pk.min_key_digits,
-                                pk.length_power)]
-        # validation: whole prompts with key_digits-digit keys, uniform lengths and the answer's
-        # loss alone, so eval_loss is the answer's loss whatever the training data's shaping
+                                pk.text_weight, pk.short_rate, pk.min_key_digits)]
+        # validation: whole prompts with key_digits-digit keys and the answer's loss alone, so
+        # eval_loss is the answer's loss whatever text_weight, short_rate and min_key_digits
         val = Mixture((PasskeyWindows(tok, data_cfg.seq_len, seed, "validation",
                                       pk.key_digits),), (1.0,))
         weights = None

@@ -6,14 +6,15 @@ QUESTION`, cut to `length` tokens by the amount of filler; `depth` in [0, 1] pla
 that far into the filler; `eval/passkey.py` scores a model on them. A training document is
 `prompt + ANSWER + EOS` (" <key>." after the question).
 
-Window i of T+1 tokens is a function of (seed, split, i) alone: documents with prompt lengths drawn
-from [shortest prompt, what still fits] (uniformly, or favouring short ones with `length_power`)
-are laid one after another until the next would not fit whole, and the rest of the window holds the
-start of one more prompt (cut off, never its answer). So every trained answer has its needle in the
-same window, documents start at window starts (positions, segment ids and loss masks come from
-`pipeline.batch_features` as for every source), and windows are independent, so no shuffle is
-needed. The answer's tokens have loss weight 1, every other token `text_weight` (0: the answer
-alone; 1: a plain language-model loss over everything)."""
+Window i of T+1 tokens is a function of (seed, split, i) alone: documents with prompt lengths
+drawn uniformly from [shortest prompt, what still fits] are laid one after another until the next
+would not fit whole, and the rest of the window holds the start of one more prompt (cut off, never
+its answer). So every trained answer has its needle in the same window, documents start at window
+starts (positions, segment ids and loss masks come from `pipeline.batch_features` as for every
+source), and windows are independent, so no shuffle is needed. The answer's tokens have loss
+weight 1, every other token `text_weight` (0: the answer alone; 1: a plain language-model loss
+over everything).
+"""
 
 from __future__ import annotations
 
@@ -117,18 +118,14 @@ class PasskeyWindows(Sequence):
     those tokens as targets [seq_len + 1] float32: 1 on answers, `text_weight` elsewhere).
 
     Keys have `min_key_digits` (0: `key_digits`) to `key_digits` digits, uniformly; a share
-    `short_rate` of documents leave out the instruction; a prompt's filler is a share u **
-    `length_power` of the room left (u uniform in [0, 1): 1 draws lengths uniformly, 3 gives
-    most documents little filler, their needles near the question: mean filler a quarter of
-    the room instead of half). These only shape training data: the benchmark's documents are
-    the defaults (whole prompts, `key_digits` digits, uniform lengths).
+    `short_rate` of documents leave out the instruction. Both only shape training data: the
+    benchmark's documents are the defaults (whole prompts, `key_digits` digits).
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, seed: int, split: str = "train",
                  key_digits: int = 5, text_weight: float = 0.0, short_rate: float = 0.0,
-                 min_key_digits: int = 0, length_power: float = 1.0):
+                 min_key_digits: int = 0):
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
-        self.length_power = length_power
         self.split, self.key_digits, self.text_weight = SPLITS[split], key_digits, text_weight
         self.short_rate, self.min_key_digits = short_rate, min_key_digits or key_digits
         if smallest_document(tokenizer, key_digits) > seq_len + 1:
@@ -158,19 +155,13 @@ class PasskeyWindows(Sequence):
                 tokens.append(cut)
                 answers.append(np.zeros(len(cut), np.uint8))
                 break
-            length = self._prompt_length(rng, floor, room - extra)
+            length = int(rng.integers(floor, room - extra + 1))
             doc, answer = document(self.tokenizer, length, depth, key, instruction)
             tokens.append(doc)
             answers.append(answer)
             room -= len(doc)
         weights_T1 = np.where(np.concatenate(answers) == 1, 1.0, self.text_weight)
         return np.concatenate(tokens).astype(np.int32), weights_T1.astype(np.float32)
-
-    def _prompt_length(self, rng: np.random.Generator, shortest: int, longest: int) -> int:
-        """A prompt length in [shortest, longest]: uniform, or skewed by `length_power`."""
-        if self.length_power == 1.0:
-            return int(rng.integers(shortest, longest + 1))
-        return shortest + int((longest + 1 - shortest) * rng.random() ** self.length_power)
 
 
 def check_passkey_config(data_cfg: ml_collections.ConfigDict, tok: Tokenizer) -> None:
