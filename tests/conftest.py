@@ -1,11 +1,13 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere, and compiling made
-cheap: one JAX compilation cache for the whole run, and LLVM at -O0.
+cheap: one JAX compilation cache for the whole run, and XLA's cheap CPU code generation; huge
+pages for malloc's large blocks (below).
 
 Compiling is most of the suite's time (one test file: 4 min 47 s cold, 65 s with every program
-already compiled), and the tests' programs are tiny, so XLA's CPU backend generates code without
-LLVM's optimisation passes (`--xla_backend_optimization_level=0`: a third less compile time).
-The HLO is the same and every comparison is between programs compiled alike; what users run is
-compiled at the default level (the PassKey training test drops these flags).
+already compiled), and the tests' programs are tiny, so XLA's CPU backend generates code the
+cheap way (`support.CHEAP_COMPILE_FLAGS`: LLVM at -O0 and the older fusion emitters;
+docs/testing.md has what each saves). The HLO is the same and every comparison
+is between programs compiled alike; what users run is compiled the default way (the PassKey
+training test and the notebooks that train drop these flags).
 
 The cache: the suite compiles the same programs many times over (the tiny config's one-device
 reference in every equivalence test, the same train step in every CLI subprocess and notebook),
@@ -18,13 +20,22 @@ import os
 import shutil
 import tempfile
 
+from support import CHEAP_COMPILE_FLAGS, flag_name
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
-if "xla_backend_optimization_level" not in flags:
-    flags += " --xla_backend_optimization_level=0"
+for cheap in CHEAP_COMPILE_FLAGS:  # unless XLA_FLAGS already sets that flag
+    if flag_name(cheap) not in flags:
+        flags += " " + cheap
 os.environ["XLA_FLAGS"] = flags.strip()
+# Transparent huge pages for glibc malloc's large blocks, in every worker and subprocess: XLA:CPU
+# frees and reallocates its big buffers each step, and faulting them in 4 KiB pages cost the
+# PassKey training a quarter of its time (docs/testing.md). Results are bitwise the same.
+tunables = os.environ.get("GLIBC_TUNABLES", "")
+if "glibc.malloc.hugetlb" not in tunables:
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller; workers inherit it
     _CACHE = tempfile.mkdtemp(prefix="gigajax-test-jit-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE

@@ -1,13 +1,31 @@
-"""Shared by the tests that start subprocesses."""
+"""Shared by the tests: the XLA flags that make compiling cheap, and the environment of the
+tests that start subprocesses. Imports no JAX (conftest.py reads it before JAX starts)."""
 
 import os
 
-from gigajax.parallel.devices import without_device_count
+# XLA:CPU code generation for programs compiled more often than they run (most of the suite;
+# the HLO is the same, only its translation to machine code differs): LLVM without its
+# optimisation passes, and the older loop emitters for fusions in place of the MLIR-based
+# fusion emitters. docs/testing.md has what each saves.
+CHEAP_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def flag_name(flag: str) -> str:
+    return flag.split("=", 1)[0]
+
+
+def without_cheap_compile_flags(xla_flags: str) -> str:
+    """`xla_flags` less CHEAP_COMPILE_FLAGS: for programs that run for long enough to pay for
+    XLA's default code generation (the notebooks that train)."""
+    names = {flag_name(f) for f in CHEAP_COMPILE_FLAGS}
+    return " ".join(f for f in xla_flags.split() if flag_name(f) not in names)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment without the simulated-device count in XLA_FLAGS (the CLI or script
     under test chooses its own), keeping the other XLA flags and the compilation cache."""
+    from gigajax.parallel.devices import without_device_count
+
     env = dict(os.environ)
     env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     env.update(extra)
