@@ -11,6 +11,7 @@ CHEAP_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusi
 
 
 def flag_name(flag: str) -> str:
+    """`--xla_name=value` -> `--xla_name`."""
     return flag.split("=", 1)[0]
 
 
