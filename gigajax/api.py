@@ -52,6 +52,7 @@ from gigajax.plan.layouts import Layout, devices_needed, parse_layouts
 from gigajax.train.loop import train as _train_loop
 from gigajax.train.preflight import preflight
 from gigajax.train.state import layout_for
+from gigajax.train.workdir import check_workdir
 
 __all__ = ["LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "load",
            "load_config", "plan", "simulate_cpu_devices", "train", "validate"]
@@ -130,6 +131,7 @@ def train(config: ConfigLike, workdir: str | Path, *, progress: bool = True,
     process or notebook kernel.
     """
     cfg = _config(config)
+    check_workdir(workdir)
     processes = multihost.expected_process_count(num_processes)
     wanted = fixed_device_count(cfg.mesh)
     if wanted and wanted % processes:

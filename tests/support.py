@@ -31,3 +31,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     env.update(extra)
     return env
+
+
+# A 2-layer d_model 64 model on 64-token windows: what the tests that train through the CLI or
+# `train()` start from (each adds its own steps, logging and checkpoint overrides).
+TINY_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
+              "--config.model.n_layers=2", "--config.data.seq_len=64",
+              "--config.data.batch_size=8", "--config.attention.block_q=32",
+              "--config.attention.block_kv=32", "--config.mesh.data=-1"]

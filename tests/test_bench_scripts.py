@@ -1,6 +1,8 @@
 """experiments/bench_attention.py and bench_train.py at the tiniest settings: every row written to
-JSON and CSV with positive times, the kernels agreeing with the reference, and the HF comparison
-either run on the same model shape or skipped with its reason."""
+JSON and CSV, its times, speed-ups, TFLOP/s and MFU the ones its own measurements give, a wrong
+kernel reported with a large error and a slow one with a speed-up below 1, the kernels agreeing
+with the reference, and the HF comparison either run on the same model shape or skipped with
+its reason."""
 
 import csv
 import importlib.util
@@ -29,44 +31,122 @@ def test_bench_attention_rows_times_and_flops(tmp_path):
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [(int(r["seq_len"]), r["impl"]) for r in rows] == [
         (t, i) for t in (64, 128) for i in ("reference", "blockwise", "xla", "cudnn", "ring")]
+    reference = {int(r["seq_len"]): r for r in rows if r["impl"] == "reference"}
     for r in rows:
         if r["impl"] == "cudnn":  # CPU tests: the row says why instead of failing
             assert r["status"] == "unavailable on cpu" and not r["median_ms"]
             continue
         assert r["status"] == "ok"
-        assert float(r["median_ms"]) > 0 and float(r["tflops"]) > 0
+        median, base = float(r["median_ms"]), float(reference[int(r["seq_len"])]["median_ms"])
+        assert 0 < float(r["min_ms"]) <= median
+        # TFLOP/s and the speed-up are the formula's FLOPs and the reference's time over this
+        # row's median (GFLOP / ms = TFLOP/s), at the row's own length
+        assert float(r["tflops"]) == pytest.approx(float(r["formula_gflop"]) / median)
+        assert float(r["speedup_vs_reference"]) == pytest.approx(base / median)
         assert float(r["out_rel_err"]) < 1e-5 and float(r["dq_rel_err"]) < 1e-5  # fp32
     for r in rows:
         if r["impl"] == "reference":  # XLA counts the full square: twice the causal formula
-            assert float(r["speedup_vs_reference"]) == 1.0
             assert 1.9 < float(r["xla_over_formula"]) < 2.6
     B, T, H, E = 1, 128, 2, 16  # forward 4 B H T^2 E / 2 (causal), fwd+bwd 3x that
     assert bench.causal_attention_flops(B, T, H, E) == (2 * B * H * T * T * E,
                                                         6 * B * H * T * T * E)
+    assert float(reference[128]["formula_gflop"]) == pytest.approx(6 * B * H * T * T * E / 1e9)
     meta = json.loads(out.read_text())
     assert meta["dtype"] == "float32" and len(meta["rows"]) == 10
 
 
+def slowed(attend, seconds: float):
+    """`attend` after a host callback that sleeps `seconds` on every call (forward; the
+    backward passes the cotangent through): the same result, later."""
+    import time
+
+    import jax
+
+    def pause(x):
+        return jax.pure_callback(lambda a: (time.sleep(seconds), a)[1],
+                                 jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    @jax.custom_vjp
+    def delayed(x):
+        return pause(x)
+
+    delayed.defvjp(lambda x: (pause(x), None), lambda _, g: (g,))
+    return lambda q, k, v: attend(delayed(q), k, v)
+
+
+def test_bench_attention_reports_a_wrong_kernel_and_a_slow_one(tmp_path, monkeypatch):
+    """Measured, not assumed: `blockwise` replaced by a kernel that ignores the causal mask is
+    reported with a large error against the reference, and `xla` slowed by 40 ms a call with
+    at least that median and a speed-up over the reference below 1."""
+    bench = load_script("bench_attention")
+    real = bench.attention_fn
+
+    def broken(impl, block_q, block_kv):
+        if impl == "blockwise":
+            return lambda q, k, v: bench.blockwise_attention(
+                q, k, v, causal=False, block_q=block_q, block_kv=block_kv)[0]
+        if impl == "xla":
+            return slowed(real(impl, block_q, block_kv), 0.04)
+        return real(impl, block_q, block_kv)
+
+    monkeypatch.setattr(bench, "attention_fn", broken)
+    out = tmp_path / "attention.json"
+    assert bench.main(["--seq-lens", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                       "--block-q", "32", "--block-kv", "32", "--impls", "reference,blockwise,xla",
+                       "--warmup", "1", "--repeats", "2", "--output", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["blockwise"]["out_rel_err"] > 0.1 and rows["blockwise"]["dq_rel_err"] > 0.1
+    assert rows["xla"]["out_rel_err"] < 1e-5  # slower, still right
+    assert rows["xla"]["min_ms"] >= 40
+    assert rows["xla"]["speedup_vs_reference"] == pytest.approx(
+        rows["reference"]["median_ms"] / rows["xla"]["median_ms"])
+    assert rows["xla"]["speedup_vs_reference"] < 1
+
+
 def test_bench_train_tokens_per_s_and_hf_row_or_reason(tmp_path):
+    import statistics
+    import time
+
+    from gigajax.config import ModelConfig, load_config
+    from gigajax.model.inventory import param_count
+    from gigajax.train.flops import flops_per_token
+
     bench = load_script("bench_train")
     out = tmp_path / "train.json"
+    model_flags = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
+                   "--config.model.n_layers=2", "--config.data.seq_len=64",
+                   "--config.data.batch_size=4", "--config.attention.block_q=32",
+                   "--config.attention.block_kv=32"]
+    start = time.perf_counter()
     assert bench.main(["--config", "configs/tiny.py", "--steps", "2", "--warmup", "1",
-                       "--rounds", "2", "--output", str(out), "--config.model.d_model=64",
-                       "--config.model.mlp_dim=128", "--config.model.n_layers=2",
-                       "--config.data.seq_len=64", "--config.data.batch_size=4",
-                       "--config.attention.block_q=32", "--config.attention.block_kv=32",
+                       "--rounds", "2", "--output", str(out), *model_flags,
                        "--config.train.peak_flops_per_device=1e11"]) == 0
+    wall = time.perf_counter() - start
     result = json.loads(out.read_text())
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert len(rows) == len(result["rows"]) and rows[0]["framework"].startswith("gigajax")
-    for r in rows:
-        assert float(r["tokens_per_s"]) > 0 and float(r["step_ms"]) > 0
-        assert 0 < float(r["mfu"]) < 1 and float(r["model_tflops"]) > 0
+    model = ModelConfig.from_config(load_config(ROOT / "configs" / "tiny.py", model_flags))
+    assert int(rows[0]["params"]) == param_count(model) and int(rows[0]["devices"]) == 1
+    tokens = 2 * 4 * 64  # steps x batch x seq_len per round
+    assert len(result["round_seconds"]) == len(rows)
+    for r, seconds in zip(rows, result["round_seconds"], strict=True):
+        # the rates are those of the rounds it timed, which happened within this call
+        assert len(seconds) == 2 and all(s > 0 for s in seconds) and sum(seconds) < wall
+        median = statistics.median(seconds)
+        assert float(r["tokens_per_s"]) == pytest.approx(tokens / median)
+        assert float(r["tokens_per_s_min"]) == pytest.approx(tokens / max(seconds))
+        assert float(r["tokens_per_s_max"]) == pytest.approx(tokens / min(seconds))
+        assert float(r["step_ms"]) == pytest.approx(median / 2 * 1e3)
+        tflops = tokens / median * flops_per_token(model, 64) / 1e12
+        assert float(r["model_tflops"]) == pytest.approx(tflops)
+        assert float(r["mfu"]) == pytest.approx(tflops * 1e12 / 1e11)  # one device of 1e11
+        assert 0 < float(r["mfu"]) < 1
     if result["hf_skipped"]:
         assert len(rows) == 1 and "torch" in result["hf_skipped"]
     else:
         assert len(rows) == 2 and rows[1]["params"] == rows[0]["params"]
-        assert result["gigajax_over_hf_tokens_per_s"] > 0
+        assert result["gigajax_over_hf_tokens_per_s"] == pytest.approx(statistics.median(
+            h / g for g, h in zip(*result["round_seconds"], strict=True)))
 
 
 def test_bench_attention_rejects_unknown_impl():

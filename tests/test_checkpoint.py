@@ -1,5 +1,6 @@
 """Checkpoints: retention, data-iterator state, restore onto other meshes, corruption fallback,
-no unpickling, and the average/export tools (8 simulated CPU devices)."""
+checkpoints without checksums, hashing spread over processes, no unpickling, and the
+average/export tools (8 simulated CPU devices)."""
 
 import gc
 import json
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -23,8 +25,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from support import subprocess_env
 
 from gigajax import cli
-from gigajax.checkpoint.manager import CHECKSUMS, Checkpointer
-from gigajax.checkpoint.params import average, export, load_params
+from gigajax.checkpoint.manager import (
+    CHECKSUMS,
+    Checkpointer,
+    UnverifiedCheckpoint,
+    share,
+    verify_checksums,
+    write_checksums,
+    write_process_checksums,
+    written_by,
+)
+from gigajax.checkpoint.params import average, export, load_params, read_params
 from gigajax.config import load_config
 from gigajax.errors import GigajaxError
 from gigajax.parallel.mesh import make_mesh
@@ -154,12 +165,9 @@ CORRUPTIONS = {
     "deleted metadata": lambda d: (d / "state" / "_METADATA").unlink(),
     "flipped byte": flip_a_byte,
     "truncated meta": lambda d: os.truncate(d / "meta" / "metadata", 3),
-    "truncated, no checksums": lambda d: ((d / CHECKSUMS).unlink(), truncate(d)),
 }
 
 
-# Orbax's failed restore (no checksums) leaves coroutines whose exceptions surface at gc
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, corrupt):
     checkpointer = Checkpointer(tmp_path)
@@ -184,6 +192,142 @@ def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tmp_path, corrupt):
     checkpointer.close()
     assert step == 20 and int(state["step"]) == 21
     gc.collect()
+
+
+def state_with_moments(value: int):
+    """Params and an optimizer moment; the moment is random (incompressible) and the largest
+    array, so the largest data file holds it."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    mu = np.random.default_rng(value).standard_normal((256, 64)).astype(np.float32)
+    return {"step": jnp.int32(value),
+            "params": {"w": jax.device_put(jnp.full((64, 16), value, jnp.float32), sharding)},
+            "opt_state": {"mu": jax.device_put(mu, sharding)}}
+
+
+def unverified_with_a_flipped_byte(directory: Path) -> None:
+    """Checkpoints 10 and 20; step 20 loses its checksums.json and gets a byte flipped in the
+    optimizer state."""
+    checkpointer = Checkpointer(directory)
+    for step in (10, 20):
+        checkpointer.save(step, state_with_moments(step), {"step": step})
+    checkpointer.wait()
+    checkpointer.close()
+    (directory / "20" / CHECKSUMS).unlink()
+    flip_a_byte(directory / "20")
+
+
+def test_a_checkpoint_without_checksums_is_refused_and_kept(tmp_path):
+    """require_checksums (the default): refused with a message naming the step and the way
+    out; nothing is moved aside or restored from an older step."""
+    unverified_with_a_flipped_byte(tmp_path)
+    messages = []
+    checkpointer = Checkpointer(tmp_path, log=messages.append)
+    with pytest.raises(UnverifiedCheckpoint, match=r"checkpoint 20 in .* has no checksums\.json"
+                       r".*Set checkpoint\.require_checksums=false to restore it anyway, with a "
+                       r"warning, or move .*/20 elsewhere"):
+        checkpointer.restore_latest(like(state_with_moments(0)))
+    checkpointer.close()
+    assert messages == [] and checkpointer.all_steps() == [10, 20]
+    assert not (tmp_path / "corrupt").exists()
+
+
+def test_without_require_checksums_it_restores_with_a_warning(tmp_path):
+    """require_checksums=False: step 20 restores, a warning names it, and the flipped byte
+    comes back as a silently wrong moment (why the default refuses)."""
+    unverified_with_a_flipped_byte(tmp_path)
+    messages = []
+    checkpointer = Checkpointer(tmp_path, log=messages.append, require_checksums=False)
+    state, meta, step = checkpointer.restore_latest(like(state_with_moments(0)))
+    checkpointer.close()
+    assert step == 20 and meta == {"step": 20}
+    assert len(messages) == 1 and messages[0].startswith(
+        f"warning: checkpoint 20 in {tmp_path} has no checksums.json: restoring it without "
+        "verifying its files (checkpoint.require_checksums=false)")
+    saved = state_with_moments(20)
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]),
+                                  np.asarray(saved["params"]["w"]))
+    assert not np.array_equal(np.asarray(state["opt_state"]["mu"]),
+                              np.asarray(saved["opt_state"]["mu"]))
+
+
+# Orbax's failed restore (no checksums) leaves coroutines whose exceptions surface at gc
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_without_checksums_a_checkpoint_that_fails_to_restore_falls_back(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    for step in (10, 20):
+        checkpointer.save(step, small_state(step), {"step": step})
+    checkpointer.wait()
+    (tmp_path / "20" / CHECKSUMS).unlink()
+    truncate(tmp_path / "20")
+    messages = []
+    checkpointer = Checkpointer(tmp_path, log=messages.append, require_checksums=False)
+    _, meta, step = checkpointer.restore_latest(like(small_state(0)))
+    checkpointer.close()
+    assert step == 10 and meta == {"step": 10} and len(messages) == 2
+    assert messages[0].startswith("warning: checkpoint 20 in ")
+    assert "checkpoint 20 is unreadable" in messages[1] and "falling back to 10" in messages[1]
+    assert [p.name.split("-")[0] for p in (tmp_path / "corrupt").iterdir()] == ["20"]
+    gc.collect()
+
+
+def test_a_checkpoint_records_every_file_and_restores_without_a_message(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(10, small_state(10), {"step": 10})
+    checkpointer.wait()
+    record = json.loads((tmp_path / "10" / CHECKSUMS).read_text())["files"]
+    on_disk = {str(p.relative_to(tmp_path / "10")) for p in (tmp_path / "10").rglob("*")
+               if p.is_file() and p.name not in (CHECKSUMS, "commit_success.txt",
+                                                 "_CHECKPOINT_METADATA")}
+    assert set(record) == on_disk and {e["process"] for e in record.values()} == {0}
+    messages = []
+    state, _, step = Checkpointer(tmp_path, log=messages.append).restore_latest(
+        like(small_state(0)))
+    assert step == 10 and int(state["step"]) == 10 and messages == []
+
+
+def test_files_are_hashed_by_the_process_that_wrote_them(tmp_path):
+    """A two-process save's layout: each process records its own files (named as they will
+    be once Orbax renames `state.orbax-checkpoint-tmp/`), process 0 merges, hashes the shared
+    files and any file changed since its process hashed it, and removes the records."""
+    files = {"state.orbax-checkpoint-tmp/ocdbt.process_1/d/ab": 3000,
+             "state.orbax-checkpoint-tmp/ocdbt.process_1/manifest.ocdbt": 10,
+             "state.orbax-checkpoint-tmp/array_metadatas/process_1": 20,
+             "data.orbax-checkpoint-tmp/process_1-of-2.json": 5,
+             "state.orbax-checkpoint-tmp/ocdbt.process_0/d/cd": 3000,
+             "state.orbax-checkpoint-tmp/_METADATA": 40, "meta.orbax-checkpoint-tmp/metadata": 7}
+    rng = np.random.default_rng(0)
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(rng.bytes(size))
+    assert [written_by(n) for n in files] == [1, 1, 1, 1, 0, None, None]
+    assert write_process_checksums(tmp_path, 1) == 4
+    assert write_process_checksums(tmp_path, 0) == 1
+    for item in ("state", "data", "meta"):  # what Orbax's finalization does
+        (tmp_path / f"{item}.orbax-checkpoint-tmp").rename(tmp_path / item)
+    changed = tmp_path / "state" / "array_metadatas" / "process_1"
+    time.sleep(0.01)
+    changed.write_bytes(rng.bytes(20))  # same size, rewritten after process 1 hashed it
+    write_checksums(tmp_path)
+    record = json.loads((tmp_path / CHECKSUMS).read_text())["files"]
+    assert {n: e["process"] for n, e in record.items()} == {
+        "state/ocdbt.process_1/d/ab": 1, "state/ocdbt.process_1/manifest.ocdbt": 1,
+        "state/array_metadatas/process_1": 0, "data/process_1-of-2.json": 1,
+        "state/ocdbt.process_0/d/cd": 0, "state/_METADATA": 0, "meta/metadata": 0}
+    assert not list(tmp_path.glob("checksums.process_*"))
+    assert all(verify_checksums(tmp_path, part, 3) is None for part in range(3))
+    flip = tmp_path / "state" / "ocdbt.process_1" / "d" / "ab"
+    flip.write_bytes(b"x" + flip.read_bytes()[1:])
+    found = [verify_checksums(tmp_path, part, 3) for part in range(3)]
+    assert found.count(None) == 2 and "state/ocdbt.process_1/d/ab has a different sha256" in (
+        [f for f in found if f][0])
+
+
+def test_verification_shares_split_the_files_by_bytes():
+    files = {f"f{i}": {"size": size} for i, size in enumerate([900, 500, 400, 300, 100, 1, 1])}
+    parts = [share(files, part, 3) for part in range(3)]
+    assert sorted(sum(parts, [])) == sorted(files)  # each file in exactly one share
+    assert [sum(files[n]["size"] for n in p) for p in parts] == [900, 602, 700]
 
 
 def test_all_checkpoints_corrupt_is_a_clear_error(tmp_path):
@@ -310,6 +454,31 @@ def test_average_names_a_parameter_that_differs(run, tmp_path):
         average(workdir, [100, 400], tmp_path / "avg")
 
 
+def test_params_tools_refuse_a_checkpoint_without_checksums(run, tmp_path):
+    """export, average and read_params (train.init_from, generate, eval) apply the same rule:
+    refused, naming the step, unless require_checksums=False, which warns through `log`."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run[0], workdir)
+    (workdir / "checkpoints" / "300" / CHECKSUMS).unlink()
+    with pytest.raises(UnverifiedCheckpoint, match=r"checkpoint 300 in .* has no checksums\.json"
+                       r".*Set checkpoint\.require_checksums=false to load it anyway"):
+        export(workdir, tmp_path / "out")
+    with pytest.raises(UnverifiedCheckpoint, match=r"checkpoint 300 .*--allow-unverified"):
+        average(workdir, [100, 300], tmp_path / "avg", allow_hint="Pass --allow-unverified.")
+    with pytest.raises(UnverifiedCheckpoint, match=r"^train\.init_from .*: checkpoint 300 in"):
+        read_params(workdir, flag="train.init_from")
+    with pytest.raises(UnverifiedCheckpoint, match=r"checkpoint 300 \(.*/300\) has no"):
+        read_params(workdir / "checkpoints" / "300")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "avg").exists()
+    warnings = []
+    export(workdir, tmp_path / "out", require_checksums=False, log=warnings.append)
+    found = read_params(workdir, require_checksums=False, log=warnings.append)
+    assert found.step == 300 and len(warnings) == 2
+    assert all(w.startswith("warning: checkpoint 300 in ") and "has no checksums.json" in w
+               for w in warnings)
+    np.testing.assert_array_equal(load_params(tmp_path / "out")[0]["embed"], run[1][300]["embed"])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_round_trips(run, tmp_path, dtype):
     workdir, params, config = run
@@ -325,15 +494,17 @@ def test_export_round_trips(run, tmp_path, dtype):
 
 
 WORKER = """
-import os, sys
+import json, os, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
 from pathlib import Path
 import numpy as np
 from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 from gigajax.checkpoint.manager import Checkpointer
 
+me, out = jax.process_index(), Path(sys.argv[3])
 mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
 sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
 def values(value):
@@ -358,6 +529,33 @@ assert step == 10 and np.array_equal(w, values(10))
 assert checkpointer.save(20, state(21), {"step": 20})
 checkpointer.wait()
 assert checkpointer.restore_latest(like)[2] == 20
+# each process hashed the files it wrote; process 0 the shared ones, and merged the records
+if me == 0:
+    files = json.loads((out / "20" / "checksums.json").read_text())["files"]
+    assert {e["process"] for n, e in files.items() if "process_1" in n} == {1}, files
+    assert {e["process"] for n, e in files.items() if "process_1" not in n} == {0}, files
+    assert not list((out / "20").glob("checksums.process_*"))
+
+def outcome():
+    try:
+        checkpointer.restore_latest(like)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+# a restore that fails on process 1 only stops both, with process 1's message
+real = ocp.CompositeCheckpointHandler.restore
+if me == 1:
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("injected on process 1")
+    ocp.CompositeCheckpointHandler.restore = out_of_memory
+print("one-sided:", outcome(), flush=True)
+ocp.CompositeCheckpointHandler.restore = real
+multihost_utils.sync_global_devices("failed")
+if me == 0:
+    (out / "20" / "checksums.json").unlink()
+multihost_utils.sync_global_devices("unverified")
+print("unverified:", outcome(), flush=True)
+assert checkpointer.all_steps() == [10, 20]  # neither failure moved anything aside
 checkpointer.close()
 print("worker ok", flush=True)
 """
@@ -369,9 +567,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_on_the_fallback(tmp_path):
-    """Process 1's shard of step 20 is truncated: both processes fall back to step 10 together
-    (process 0 verifies, the verdict is shared), and step 20 is saved again."""
+def test_two_processes_hash_verify_and_fail_together(tmp_path):
+    """Two processes: process 1's shard of step 20 is truncated, both fall back to step 10
+    together (each verifies a share, the verdict is shared), and step 20 is saved again, each
+    process hashing its own files. A restore failing on process 1 alone, and a checkpoint
+    without checksums, stop both processes with the message (no hang)."""
     port = free_port()
     env = subprocess_env()
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(tmp_path)],
@@ -386,15 +586,23 @@ def test_two_processes_agree_on_the_fallback(tmp_path):
             outputs.append(worker.communicate()[0])
     for worker, out in zip(workers, outputs, strict=True):
         assert worker.returncode == 0 and "worker ok" in out, out
-    assert "checkpoint 20 is unreadable (state/ocdbt.process_1/" in outputs[0]
-    assert "falling back to 10" in outputs[1]
+    for out in outputs:
+        assert "checkpoint 20 is unreadable (state/ocdbt.process_1/" in out
+        assert "falling back to 10" in out
+        assert "unverified: UnverifiedCheckpoint: checkpoint 20 in " in out
+    assert "one-sided: RuntimeError: restoring checkpoint 20 in " in outputs[0]
+    assert "MemoryError: injected on process 1 (on process 1)" in outputs[0]
+    assert "one-sided: MemoryError: injected on process 1" in outputs[1]
 
 
 def test_init_from_starts_step_0_from_checkpoint_params_on_another_layout(run, tmp_path):
     """`train.init_from`: the params of a step directory, or of a bf16 export, placed in the
     new layout's shardings, with fresh optimizer moments and step 0; a checkpoint of another
     model size, or no checkpoint at all, is a clear error."""
-    from gigajax.train.loop import initial_state
+    from gigajax.train.loop import initial_state, read_init_from
+
+    def start(builder, init_from: str, notes: list[str]):
+        return initial_state(builder, read_init_from(init_from, notes), init_from)
 
     workdir, params, _ = run
     export(workdir, tmp_path / "bf16", step=300, dtype="bfloat16")
@@ -405,7 +613,7 @@ def test_init_from_starts_step_0_from_checkpoint_params_on_another_layout(run, t
                              params[300]))]:
         notes = []
         with jax.set_mesh(builder.mesh):
-            state = initial_state(builder, str(source), notes)
+            state = start(builder, str(source), notes)
         assert int(state["step"]) == 0 and int(state["skipped"]) == 0
         got = nnx.to_pure_dict(state["params"])
         for g, w, sharding in zip(jax.tree.leaves(got), jax.tree.leaves(want),
@@ -418,9 +626,9 @@ def test_init_from_starts_step_0_from_checkpoint_params_on_another_layout(run, t
         assert ("(step 200)" in notes[0]) == (source.name == "200")
     other, _ = builder_for("", ("--config.model.d_model=32",))
     with pytest.raises(GigajaxError, match="do not fit this config's model: .* has shape"):
-        initial_state(other, str(workdir), [])
+        start(other, str(workdir), [])
     with pytest.raises(GigajaxError, match="train.init_from .*nope does not exist"):
-        initial_state(builder, str(tmp_path / "nope"), [])
+        start(builder, str(tmp_path / "nope"), [])
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(GigajaxError, match="train.init_from .*empty: .*holds no checkpoint"):
-        initial_state(builder, str(tmp_path / "empty"), [])
+        start(builder, str(tmp_path / "empty"), [])

@@ -23,6 +23,7 @@ def test_shipped_configs_load_and_validate(name):
 
 def test_auto_dtype_is_float32_on_cpu_and_yarn_defaults_to_the_pretraining_length():
     cfg = load_config(TINY, ["--config.model.dtype=auto", "--config.model.rope_scaling.type=yarn",
+                             "--config.model.rope_scaling.type=linear",
                              "--config.model.rope_scaling.factor=4"])
     model = ModelConfig.from_config(cfg)
     assert model.dtype == "float32"
@@ -32,6 +33,7 @@ def test_auto_dtype_is_float32_on_cpu_and_yarn_defaults_to_the_pretraining_lengt
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["--config.train.steps=70", "--config.optim.lr=1", "--config.model."
                              "scan_layers=false", "--config.model.dtype=bfloat16",
+                             "--config.model.rope_scaling.type=linear",
                              "--config.model.rope_scaling.factor=4"])
     assert cfg.train.steps == 70 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.model.scan_layers is False and cfg.model.dtype == "bfloat16"

@@ -96,10 +96,16 @@ def normwise_difference(tree, reference) -> float:
 
 
 def test_microbatches_under_a_sharded_layout_equal_one_batch(batches, reference):
-    """Accumulating 2 microbatches under dp x fsdp x tp + SP gives the one-batch steps."""
+    """Accumulating 2 microbatches under dp x fsdp x tp + SP gives the one-batch steps.
+
+    The parameters alone would not show it: AdamW (and clipping) are invariant to the scale of
+    the gradient, so gradients summed but not divided by the token count of all microbatches
+    (or scaled by their number) train the same. The gradient norm each step hands the optimizer
+    is compared as well, against one batch on one device."""
     cfg = tiny_test_config("--config.train.microbatches=2")
     run = run_layout(cfg, parse_layouts("data=2,fsdp=2,tensor=2,megatron_sp=1")[0], batches)
     np.testing.assert_allclose(run.losses, reference.losses, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(run.grad_norms, reference.grad_norms, rtol=1e-5)
     assert max_relative_difference(run.params, reference.params) <= GRAD_RTOL
 
 
@@ -254,9 +260,62 @@ def test_layout_strings_are_checked():
             parse_layouts(bad)
 
 
+def ok_column(printed: str) -> dict[str, str]:
+    """layout -> the `ok` cell of each row of the printed check-layouts table."""
+    cells = [[c.strip() for c in line.strip().strip("│").split("│")]
+             for line in printed.splitlines() if line.startswith("│")]
+    return {row[0]: row[-1] for row in cells}  # the header's bars are heavy: ┃
+
+
 def test_check_layouts_table(tmp_path, capsys):
+    """One device is the reference row, not a comparison that passes; the layout's row is its
+    own run (not one device's again) compared with it; the table says which is which."""
     rows = check_layouts(tiny_test_config(), parse_layouts("tensor=2,data=4"), steps=2,
                          output=tmp_path / "rows.json", console=log_console())
     assert [r["layout"] for r in rows] == ["1 device", "tensor=2,data=4"]
-    assert all(r["ok"] for r in rows) and (tmp_path / "rows.json").exists()
-    assert "tensor=2,data=4" in capsys.readouterr().out
+    assert [r.get("reference", False) for r in rows] == [True, False]
+    reference, row = rows
+    assert row["ok"] and (tmp_path / "rows.json").exists()
+    assert row["loss_rel_diff"] == max(abs(a - b) / abs(b) for a, b in zip(
+        row["losses"], reference["losses"], strict=True))
+    # another program's sums in another order: close to one device's, yet not the same bits
+    assert 0 < row["grad_rel_diff"] <= GRAD_RTOL and 0 < row["param_rel_diff"] <= GRAD_RTOL
+    assert ok_column(capsys.readouterr().out) == {"1 device": "reference",
+                                                  "tensor=2,data=4": "yes"}
+
+
+def test_check_layouts_reports_each_difference_against_one_device_not_ok(capsys, monkeypatch):
+    """With runs made up (nothing trains): a layout off by twice a tolerance in its loss, its
+    gradients or its parameters is reported not ok and printed NO; an equal one is ok; each
+    layout is run under its own layout, and the reference once, under none."""
+    import dataclasses
+
+    from gigajax.plan import equivalence
+    from gigajax.plan.layouts import layout_name
+
+    one = equivalence.LayoutRun(
+        "1 device", [5.0, 4.0], [2.0, 1.5], {"w": np.array([1.0, -2.0])},
+        {"w": np.array([0.5, 3.0])}, 0.1, {})
+    off = {"data=2": {},
+           "fsdp=2": {"losses": [5.0, 4.0 * (1 + 2 * LOSS_RTOL)]},
+           "tensor=2": {"grads": {"w": np.array([1.0, -2.0 * (1 + 2 * GRAD_RTOL)])}},
+           "data=4": {"params": {"w": np.array([0.5, 3.0 * (1 + 2 * GRAD_RTOL)])}}}
+    calls = []
+
+    def made_up_run(cfg, layout, batches):
+        calls.append(layout)
+        name = layout_name(layout)
+        return one if not layout else dataclasses.replace(one, name=name, **off[name])
+
+    monkeypatch.setattr(equivalence, "run_layout", made_up_run)
+    rows = check_layouts(tiny_test_config(), parse_layouts(";".join(off)), steps=2,
+                         console=log_console())
+    assert calls == [{}, *parse_layouts(";".join(off))]
+    assert [(r["layout"], r["ok"], r.get("reference", False)) for r in rows] == [
+        ("1 device", True, True), ("data=2", True, False), ("fsdp=2", False, False),
+        ("tensor=2", False, False), ("data=4", False, False)]
+    assert rows[2]["loss_rel_diff"] == pytest.approx(2 * LOSS_RTOL)
+    assert rows[3]["grad_rel_diff"] == pytest.approx(2 * GRAD_RTOL)
+    assert rows[4]["param_rel_diff"] == pytest.approx(2 * GRAD_RTOL)
+    assert ok_column(capsys.readouterr().out) == {
+        "1 device": "reference", "data=2": "yes", "fsdp=2": "NO", "tensor=2": "NO", "data=4": "NO"}

@@ -89,14 +89,19 @@ def test_segment_ids_isolate_documents():
     np.testing.assert_allclose(logits[:, 10:], forward(model, doc_b), **FP32)
 
 
-def test_sliding_window_limits_context():
-    """With window w, the logit at t ignores tokens at positions <= t - w."""
-    model = make_model(model_config(sliding_window=4, n_layers=1))
+@pytest.mark.parametrize("impl", ["blockwise", "reference", "xla"])
+def test_sliding_window_limits_context(impl):
+    """Window w, as in HF Mistral (`kv_idx > q_idx - sliding_window`): the query at t sees the
+    keys t-w+1 .. t. With one layer, the token at s therefore changes the logits at exactly
+    s .. s+w-1: the query at s+w-1 sees it (key t-w+1), the one at s+w does not (key t-w)."""
+    w = 4
+    model = make_model(model_config(sliding_window=w, n_layers=1, attention_impl=impl))
     toks = tokens(1, 16)
-    changed = toks.at[0, 3].set((toks[0, 3] + 1) % 64)
-    a, b = forward(model, toks), forward(model, changed)
-    np.testing.assert_allclose(a[:, 8:], b[:, 8:], **FP32)  # 8 - 3 > 4: outside the window
-    assert not np.allclose(a[:, 3:7], b[:, 3:7])
+    a = forward(model, toks)
+    for s in (3, 6):  # the window inside one block of 8 keys, and across two
+        b = forward(model, toks.at[0, s].set((toks[0, s] + 1) % 64))
+        changed = [t for t in range(16) if not np.allclose(a[0, t], b[0, t], **FP32)]
+        assert changed == list(range(s, s + w)), (s, changed)
 
 
 def test_scan_equals_unrolled():
@@ -137,14 +142,53 @@ def test_attention_impls_agree_in_the_model(impl):
                                    segment_ids_BT=segments))
 
 
-def test_bfloat16_compute_is_close_to_float32():
-    cfg = model_config()
+BF16 = dict(rtol=2e-2, atol=2e-2)  # bf16 compute (8 significand bits) against fp32
+
+
+def bf16_and_fp32_log_probs(init_std: float = 0.1):
+    """Log-probabilities of every vocabulary entry, fp32 and bf16 compute, of one fp32 model.
+
+    init_std 0.1 (5x the default) makes the fresh model sharp: its attention logits span a few
+    units, so attention depends on RoPE and its output is a large part of the residual stream
+    (at the default 0.02 the model is near uniform and a bf16 path without RoPE, or with half
+    the attention output, stays within the bf16 tolerance)."""
+    cfg = model_config(init_std=init_std)
     toks = tokens()
     full = jax.nn.log_softmax(forward(make_model(cfg), toks))
     half = jax.nn.log_softmax(forward(make_model(dataclasses.replace(cfg, dtype="bfloat16")),
                                       toks))
-    assert half.dtype == full.dtype == jnp.float32  # logits are fp32 for the loss
-    np.testing.assert_allclose(np.asarray(half, np.float32), full, rtol=2e-2, atol=2e-2)
+    return np.asarray(half), np.asarray(full)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    half, full = bf16_and_fp32_log_probs()
+    assert half.dtype == full.dtype == np.float32  # logits are fp32 for the loss
+    np.testing.assert_allclose(half, full, **BF16)
+
+
+def _rope_skipped_in_bf16(apply_rope):
+    return lambda x, cos, sin: x if x.dtype == jnp.bfloat16 else apply_rope(x, cos, sin)
+
+
+def _attention_halved_in_bf16(attention_on_mesh):
+    def halved(q, *args):
+        out = attention_on_mesh(q, *args)
+        return out * 0.5 if q.dtype == jnp.bfloat16 else out
+    return halved
+
+
+@pytest.mark.parametrize("name, wrap", [("apply_rope", _rope_skipped_in_bf16),
+                                        ("attention_on_mesh", _attention_halved_in_bf16)],
+                         ids=["rope_skipped", "attention_halved"])
+def test_bfloat16_check_rejects_a_broken_bf16_path(monkeypatch, name, wrap):
+    """The check above fails for a bf16 path that skips RoPE or halves the attention output
+    (fp32 unchanged), so passing it says the bf16 path computes the same model."""
+    import gigajax.model.attention as attention
+
+    monkeypatch.setattr(attention, name, wrap(getattr(attention, name)))
+    half, full = bf16_and_fp32_log_probs()
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        np.testing.assert_allclose(half, full, **BF16)
 
 
 def test_tied_embeddings_have_no_separate_head():

@@ -132,6 +132,11 @@ def test_two_processes_match_one(how, tmp_path, one_process_losses):
     assert "8 cpu devices in 2 process(es)" in outputs[0]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3  # one writer
     assert (tmp_path / "checkpoints" / "3").is_dir()  # a multi-process Orbax save
+    # each process hashed the files it wrote (process 0 also the shared ones)
+    record = json.loads((tmp_path / "checkpoints" / "3" / "checksums.json").read_text())
+    hashed_by = {name: entry["process"] for name, entry in record["files"].items()}
+    assert {p for name, p in hashed_by.items() if "process_1" in name} == {1}, hashed_by
+    assert {p for name, p in hashed_by.items() if "process_1" not in name} == {0}, hashed_by
     two = losses(tmp_path)
     assert len(two) == len(one_process_losses) == 4  # 3 steps, then eval (each process its rows)
     for a, b in zip(two, one_process_losses, strict=True):

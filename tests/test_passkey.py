@@ -1,5 +1,6 @@
 """PassKey prompts are deterministic and well formed; scoring gives 1.0 to a model that always
-answers right and 0.0 to one that never does; the heatmap is written. The synthetic training
+answers right, 0.0 to one that never does, and each (length, depth) cell the share of its own
+samples answered right; the heatmap is written. The synthetic training
 source (data.source=passkey) is deterministic and trains on the answers only; `gigajax eval
 passkey` loads a checkpoint, writes JSON and PNG, and refuses bad input with exit code 2; and
 (slow) configs/passkey_tiny.py learns the task."""
@@ -54,28 +55,56 @@ def test_too_short_a_length_is_refused():
         synthetic.make_prompt(TOK, 50, 0.5, seed=0)
 
 
-def oracle(right: bool):
-    """A fake model that reads the key out of the prompt (and answers it, or a wrong one)."""
-    def answer(ids, new_tokens):
-        text = TOK.decode(ids)
-        key = text.split("The pass key is ")[1][:5]
-        answer = key if right else str((int(key) + 1) % 100000).zfill(5)
-        return TOK.encode(" " + answer + ".")[:new_tokens]
+def needle_depth(text: str, length: int) -> float:
+    """Where the needle sits in the filler of a prompt of `length` byte tokens, as a depth."""
+    at = text.index("The pass key is ")
+    key = text[at:].split("The pass key is ")[1][:5]
+    filler_len = length - len(TOK.encode(synthetic.INSTRUCTION + synthetic.NEEDLE.format(
+        key=key) + synthetic.QUESTION))
+    return round((at - len(synthetic.INSTRUCTION)) / filler_len, 2)
 
+
+def oracle(right_rows):
+    """A fake model that reads the key out of the prompt and answers it in the first
+    `right_rows(length, depth)` prompts of a batch (a cell's samples, in order), a wrong key in
+    the rest; length and depth are read from the prompt itself, not told."""
     def generate(ids_BT, new_tokens):
-        return np.stack([answer(ids, new_tokens) for ids in ids_BT])
+        answers = []
+        for row, ids in enumerate(ids_BT):
+            text = TOK.decode(ids)
+            key = text.split("The pass key is ")[1][:5]
+            if row >= right_rows(len(ids), needle_depth(text, len(ids))):
+                key = str((int(key) + 1) % 100000).zfill(5)
+            answers.append(TOK.encode(" " + key + ".")[:new_tokens])
+        return np.stack(answers)
 
     return generate
 
 
 def test_scores_of_an_always_right_and_an_always_wrong_model(tmp_path):
     lengths, depths = [300, 600], [0.0, 0.5, 1.0]
-    right = passkey.score_grid(oracle(True), TOK, lengths, depths, samples=3)
-    wrong = passkey.score_grid(oracle(False), TOK, lengths, depths, samples=3)
+    right = passkey.score_grid(oracle(lambda length, depth: 3), TOK, lengths, depths, samples=3)
+    wrong = passkey.score_grid(oracle(lambda length, depth: 0), TOK, lengths, depths, samples=3)
     assert right["mean"] == 1.0 and np.all(np.asarray(right["scores"]) == 1.0)
-    assert wrong["mean"] == 0.0 and np.asarray(wrong["scores"]).shape == (2, 3)
+    assert wrong["mean"] == 0.0 and np.all(np.asarray(wrong["scores"]) == 0.0)
+    assert np.asarray(wrong["scores"]).shape == (2, 3)
     passkey.plot_heatmap(right, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_cell_scores_its_own_length_and_depth():
+    """A model right in a different number of a cell's 3 samples at each (length, depth): the
+    grid is exactly that count / 3, rows lengths and columns depths, so a transposed or shifted
+    cell index, an ignored depth or length, or a wrong denominator fails."""
+    lengths, depths = [300, 600], [0.0, 0.5, 1.0]
+    right_rows = {(300, 0.0): 0, (300, 0.5): 1, (300, 1.0): 3,
+                  (600, 0.0): 2, (600, 0.5): 3, (600, 1.0): 1}
+    result = passkey.score_grid(oracle(lambda length, depth: right_rows[length, depth]), TOK,
+                                lengths, depths, samples=3)
+    want = [[right_rows[n, d] / 3 for d in depths] for n in lengths]
+    assert result["scores"] == want
+    assert result["mean"] == pytest.approx(10 / 18)
+    assert result["lengths"] == lengths and result["depths"] == depths
 
 
 def test_answer_scoring_is_binary_on_the_key_prefix():
@@ -179,7 +208,7 @@ def test_batches_train_on_the_answer_targets_and_resume_by_step():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"passkey": {"key_digits": 0}}, r"data\.passkey\.key_digits=0.*1 to 32"),
+    ({"passkey": {"key_digits": 0}}, r"data\.passkey\.key_digits=0.*\[1, 32\]"),
     ({"passkey": {"min_key_digits": 6}}, r"data\.passkey\.min_key_digits=6.*1 to 5"),
     ({"passkey": {"text_weight": 1.5}}, r"data\.passkey\.text_weight=1\.5.*\[0, 1\]"),
     ({"passkey": {"short_rate": -0.1}}, r"data\.passkey\.short_rate=-0\.1.*\[0, 1\]"),

@@ -8,7 +8,7 @@ import pytest
 
 from gigajax.config import base_config
 from gigajax.data import pipeline, store
-from gigajax.data.tokenizer import ByteTokenizer
+from gigajax.data.tokenizer import ByteTokenizer, get_tokenizer
 from gigajax.errors import ConfigError, DataError
 
 TOK = ByteTokenizer()
@@ -183,7 +183,7 @@ def test_mixture_hits_its_weights_within_two_percent(tmp_path):
     rng = np.random.default_rng(4)
     for k, name in enumerate(weights):  # dataset k uses token ids 10k .. 10k+9 only
         write_prepared(tmp_path / name, random_docs(rng, 50, 5, 30, (10 * k, 10 * k + 10)))
-    mixture = ",".join(f"{tmp_path / name}={w * 10}" for name, w in weights.items())
+    mixture = ",".join(f"{tmp_path / name}={w}" for name, w in weights.items())
     _, ds, val = pipeline.build_datasets(data_cfg(mixture=mixture, seq_len=8, batch_size=1),
                                          seed=0)
     counts = dict.fromkeys(weights, 0)
@@ -257,12 +257,26 @@ def test_model_vocab_smaller_than_the_data_is_a_config_error(tmp_path):
 
 def test_the_run_tokenizer_is_the_manifests_unless_set(tmp_path):
     """data_tokenizer (used by `gigajax eval` to read a run's prompts): the prepared data's
-    manifest's tokenizer for auto, data.tokenizer when set, byte for the generated sources."""
-    directory = write_prepared(tmp_path / "d", random_docs(np.random.default_rng(0), 3))
-    manifest_spec = store.read_manifest(directory)["tokenizer"]["spec"]
-    assert manifest_spec == "byte"
+    manifest's tokenizer for auto, data.tokenizer when set, byte for the generated sources.
+    The manifest names a tokenizer other than the default (byte), so ignoring it fails."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
+        ["[UNK]", "</s>", "hello", "world"])}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.save(str(tmp_path / "words.json"))
+    words = get_tokenizer(str(tmp_path / "words.json"))
+    assert words.fingerprint() != TOK.fingerprint() and words.vocab_size == 4
+    directory = write_prepared(tmp_path / "d", [[2, 3], [3, 2, 3]])
+    manifest = store.read_manifest(directory)  # as if prepared with words.json (tokens unread)
+    manifest["tokenizer"].update(spec=words.spec, fingerprint=words.fingerprint(),
+                                 vocab_size=words.vocab_size, eos_id=words.eos_id)
+    store.write_manifest(directory, manifest)
     tok = pipeline.data_tokenizer(data_cfg(path=str(directory)))
-    assert tok.fingerprint() == TOK.fingerprint()
+    assert tok.fingerprint() == words.fingerprint()
+    assert tok.encode("hello world").tolist() == [2, 3]
+    set_byte = pipeline.data_tokenizer(data_cfg(path=str(directory), tokenizer="byte"))
+    assert set_byte.fingerprint() == TOK.fingerprint()  # the set one wins over the manifest's
     assert pipeline.data_tokenizer(data_cfg(source="passkey")).fingerprint() == TOK.fingerprint()
     with pytest.raises(ConfigError, match="data.tokenizer=.nope."):  # the set one is used
         pipeline.data_tokenizer(data_cfg(path=str(directory), tokenizer="nope"))

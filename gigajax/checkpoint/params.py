@@ -8,6 +8,10 @@ no optimizer state in memory. Both write a *params checkpoint*: a directory with
 run config, source steps, dtype, parameter count) and `checksums.json`. `load_params` reads one;
 `read_params` reads the params of any of them (workdir, step directory or params checkpoint), for
 evaluation and for `train.init_from`.
+
+Every read verifies the files against `checksums.json` first (CorruptCheckpoint if one differs).
+A checkpoint without one is refused (UnverifiedCheckpoint) unless `require_checksums=False`,
+which reads it with a warning through `log`; `allow_hint` tells the user how to say so.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gigajax.checkpoint.manager import (
+    ALLOW_UNVERIFIED,
     CorruptCheckpoint,
+    UnverifiedCheckpoint,
+    check_files,
     shape_mismatch,
+    to_stderr,
     tree_metadata,
     tree_shapes,
-    verify_checksums,
     write_checksums,
 )
 from gigajax.errors import GigajaxError
@@ -45,8 +53,11 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(directory))
 
 
-def step_directory(workdir: str | Path, step: int | None = None) -> Path:
-    """`<workdir>/checkpoints/<step>` (default: the latest), checked against its checksums."""
+def step_directory(workdir: str | Path, step: int | None = None, require_checksums: bool = True,
+                   log: Callable[[str], None] = to_stderr, allow_hint: str = ALLOW_UNVERIFIED
+                   ) -> Path:
+    """`<workdir>/checkpoints/<step>` (default: the latest), checked against its checksums
+    (`check_files`: without them refused, or with `require_checksums=False` a warning)."""
     steps = checkpoint_steps(workdir)
     if step is None:
         if not steps:
@@ -56,8 +67,7 @@ def step_directory(workdir: str | Path, step: int | None = None) -> Path:
         raise GigajaxError(f"no checkpoint of step {step} in {workdir}/checkpoints; available: "
                            + (", ".join(map(str, steps)) or "none"))
     directory = Path(workdir).absolute() / "checkpoints" / str(step)
-    if reason := verify_checksums(directory):
-        raise CorruptCheckpoint(f"checkpoint {step} in {workdir} is corrupt: {reason}")
+    check_files(directory, f"checkpoint {step} in {workdir}", require_checksums, log, allow_hint)
     return directory
 
 
@@ -109,11 +119,13 @@ def save_params(out: str | Path, params: Any, meta: dict) -> dict:
             "megabytes": size / 2**20}
 
 
-def load_params(directory: str | Path) -> tuple[dict, dict]:
-    """(params, meta) of a params checkpoint written by `export` or `average`, as numpy."""
+def load_params(directory: str | Path, require_checksums: bool = True,
+                log: Callable[[str], None] = to_stderr, allow_hint: str = ALLOW_UNVERIFIED
+                ) -> tuple[dict, dict]:
+    """(params, meta) of a params checkpoint written by `export` or `average`, as numpy,
+    checked against its checksums (`check_files`)."""
     directory = Path(directory).absolute()
-    if reason := verify_checksums(directory):
-        raise CorruptCheckpoint(f"params checkpoint {directory} is corrupt: {reason}")
+    check_files(directory, f"params checkpoint {directory}", require_checksums, log, allow_hint)
     return _restore_numpy(directory / "params"), _read_json(directory / "meta")
 
 
@@ -149,11 +161,13 @@ def workdir_of(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--checkpoint"
-                ) -> Params:
+def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--checkpoint",
+                require_checksums: bool = True, log: Callable[[str], None] = to_stderr,
+                allow_hint: str = ALLOW_UNVERIFIED) -> Params:
     """The params of `checkpoint`: a training workdir (its latest step, or `step`), its
-    `checkpoints/` directory, one step directory, or a params checkpoint (`export`, `average`).
-    `flag` names the setting in error messages."""
+    `checkpoints/` directory, one step directory, or a params checkpoint (`export`, `average`),
+    checked against its checksums (`check_files`). `flag` names the setting in error messages."""
+    integrity = {"require_checksums": require_checksums, "log": log, "allow_hint": allow_hint}
     path = Path(checkpoint).absolute()
     if not path.exists():
         raise GigajaxError(f"{flag} {checkpoint} does not exist: pass a training workdir (the "
@@ -162,8 +176,10 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
     verified = (path / "checkpoints").is_dir() or path.name == "checkpoints"
     if verified:  # a workdir or its checkpoints/: step_directory picks and checks the step
         try:
-            directory = step_directory(workdir, step)
-        except GigajaxError as error:  # no checkpoint yet, no such step, corrupt: say which flag
+            directory = step_directory(workdir, step, **integrity)
+        except (CorruptCheckpoint, UnverifiedCheckpoint) as error:  # say which flag
+            raise type(error)(f"{flag} {checkpoint}: {error}") from None
+        except GigajaxError as error:  # no checkpoint yet, no such step: say which flag
             raise type(error)(f"{flag} {checkpoint}: {error} Pass a run that has saved a "
                               "checkpoint (or its step or params directory).") from None
     elif _is_step_dir(path) or _is_params_dir(path):
@@ -179,12 +195,12 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
             "checkpoints/ directory, a step directory (state/ and meta/) or a params checkpoint "
             "(params/ and meta/, from `gigajax ckpt export`).")
     if _is_step_dir(directory):
-        if not verified and (reason := verify_checksums(directory)):
-            raise CorruptCheckpoint(f"checkpoint {directory} is corrupt: {reason}")
+        if not verified:
+            check_files(directory, f"checkpoint {directory.name} ({directory})", **integrity)
         params, meta = train_params(directory)
         at_step = int(meta.get("step", directory.name))
     else:
-        params, meta = load_params(directory)
+        params, meta = load_params(directory, **integrity)
         steps = meta.get("source_steps") or []
         at_step = steps[0] if len(steps) == 1 else None
     config = meta.get("config")
@@ -199,10 +215,12 @@ def _meta(source: dict, steps: list[int], dtype: str, params: Any, how: str) -> 
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None,
-           dtype: str = "float32") -> dict:
-    """The params of `step` (default: the latest) cast to `dtype`, as a params checkpoint."""
+           dtype: str = "float32", require_checksums: bool = True,
+           log: Callable[[str], None] = to_stderr, allow_hint: str = ALLOW_UNVERIFIED) -> dict:
+    """The params of `step` (default: the latest) cast to `dtype`, as a params checkpoint (its
+    source checked against its checksums: `step_directory`)."""
     start = time.perf_counter()
-    directory = step_directory(workdir, step)
+    directory = step_directory(workdir, step, require_checksums, log, allow_hint)
     params, meta = train_params(directory)
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
     steps = [int(directory.name)]
@@ -210,16 +228,19 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
 
 
 def average(workdir: str | Path, steps: list[int], out: str | Path,
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", require_checksums: bool = True,
+            log: Callable[[str], None] = to_stderr, allow_hint: str = ALLOW_UNVERIFIED) -> dict:
     """The element-wise mean of the params of `steps` (fp32 sum, one checkpoint in memory at a
-    time besides the sum), cast to `dtype`, as a params checkpoint."""
+    time besides the sum), cast to `dtype`, as a params checkpoint (every source checked
+    against its checksums first: `step_directory`)."""
     start = time.perf_counter()
     if len(steps) < 2:
         raise GigajaxError(f"averaging needs at least 2 steps, got {steps}.")
     if len(set(steps)) != len(steps):
         raise GigajaxError(f"--steps {steps} names a step twice.")
     # every step exists and passes its checksums before any work
-    directories = [step_directory(workdir, step) for step in steps]
+    directories = [step_directory(workdir, step, require_checksums, log, allow_hint)
+                   for step in steps]
     total, first_meta = None, None
     for step, directory in zip(steps, directories, strict=True):
         params, meta = train_params(directory)

@@ -6,17 +6,22 @@
 `gigajax ckpt ...` and `gigajax eval ...` have subcommands. One module per command group, each
 parsing its flags and calling the Python API (`gigajax/api.py`) or the library.
 
-User errors (`GigajaxError`) are printed as one paragraph without a traceback, exit code 2
-(3 when `train.nonfinite=stop` stopped a run).
+User errors (`GigajaxError`, and an `OSError` on a path given) are printed as one paragraph
+without a traceback, exit code 2 (3 when a run stopped on non-finite values, 130 when SIGTERM or
+Ctrl-C stopped it). SIGTERM is caught from the first line of this module on, before JAX loads.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from gigajax.train import signals  # stdlib only: SIGTERM is recorded from here on
 
-from gigajax.cli import ckpt, data, evaluate, layouts, plan, train
-from gigajax.errors import GigajaxError
+signals.install_early()
+
+import argparse  # noqa: E402  (after the SIGTERM handler: these imports take seconds)
+import sys  # noqa: E402
+
+from gigajax.cli import ckpt, data, evaluate, layouts, plan, train  # noqa: E402
+from gigajax.errors import GigajaxError  # noqa: E402
 
 COMMANDS = (train, layouts, plan, data, ckpt, evaluate)
 
@@ -27,15 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     for command in COMMANDS:
         command.register(commands)
     args, rest = parser.parse_known_args(argv)
+    is_run = args.command == "train"  # the run takes the early SIGTERM over (train/signals.py)
+    if not is_run and signals.release_early():
+        print("gigajax: terminated (SIGTERM) before the command started", file=sys.stderr)
+        return 143
     try:
         return args.handler(args, rest)
     except GigajaxError as error:
         print(f"gigajax: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # a path the user gave: missing, not writable, a file, disk full
+        where = f": {error.filename}" if error.filename else ""
+        print(f"gigajax: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gigajax: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        signals.release_early()
 
 
 if __name__ == "__main__":

@@ -20,15 +20,29 @@ def parse_steps(text: str) -> list[int]:
                            "9000,9500,10000.") from None
 
 
+def _checksum_policy(args: argparse.Namespace) -> dict:
+    return {"require_checksums": not args.allow_missing_checksums,
+            "allow_hint": "Pass --allow-missing-checksums to read it anyway, with a warning."}
+
+
+def _add_checksum_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-missing-checksums", action="store_true",
+                        help="read a checkpoint that has no checksums.json (written before "
+                             "checksums existed), with a warning, instead of refusing it")
+
+
 def _average(args: argparse.Namespace, rest: list[str]) -> int:
     no_extra(rest, "ckpt")
-    params.average(args.workdir, parse_steps(args.steps), args.out, args.dtype)
+    steps = parse_steps(args.steps)
+    if not steps:
+        raise GigajaxError(f"--steps {args.steps!r}: give at least one step, e.g. 9000,9500.")
+    params.average(args.workdir, steps, args.out, args.dtype, **_checksum_policy(args))
     return 0
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
     no_extra(rest, "ckpt")
-    params.export(args.workdir, args.out, args.step, args.dtype)
+    params.export(args.workdir, args.out, args.step, args.dtype, **_checksum_policy(args))
     return 0
 
 
@@ -47,6 +61,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     average.add_argument("--steps", required=True, help="comma-separated, e.g. 9000,9500,10000")
     average.add_argument("--out", required=True, help="new directory for the averaged params")
     average.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    _add_checksum_flag(average)
     average.set_defaults(handler=_average)
     export = tools.add_parser(
         "export", help="params of one step, for inference",
@@ -56,4 +71,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
     export.add_argument("--out", required=True, help="new directory for the params")
     export.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    _add_checksum_flag(export)
     export.set_defaults(handler=_export)

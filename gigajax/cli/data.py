@@ -1,7 +1,11 @@
-"""`gigajax data ...` subcommands: train-tokenizer (byte-level BPE) and prepare (token shards).
+"""`gigajax data ...` subcommands: train-tokenizer, prepare (token shards), verify (the shards).
+
+train-tokenizer trains a byte-level BPE; prepare writes token shards and a manifest; verify reads
+every shard against that manifest.
 
   gigajax data train-tokenizer --input 'corpus/**/*.txt' --vocab-size 8000 --out tok/tokenizer.json
   gigajax data prepare --input 'data/*.jsonl' --tokenizer tok/tokenizer.json --out data/prepared
+  gigajax data verify data/prepared
 """
 
 from __future__ import annotations
@@ -51,9 +55,17 @@ def _prepare(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace, rest: list[str]) -> int:
+    no_extra(rest, "data")
+    from gigajax.data.verify import verify_prepared
+
+    print(verify_prepared(args.dir, progress=not args.no_progress).summary())
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `gigajax data` and its subcommands; each sets `handler(args, rest) -> exit code`."""
-    data = commands.add_parser("data", help="tokenizers and dataset preparation",
+    data = commands.add_parser("data", help="tokenizers, dataset preparation and checks",
                                description=__doc__.splitlines()[0])
     sub = data.add_subparsers(dest="data_command", required=True)
     train = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer",
@@ -85,3 +97,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     prep.add_argument("--shard-tokens", type=int, default=100_000_000,
                       help="tokens per shard file (default 100_000_000)")
     prep.set_defaults(handler=_prepare)
+    verify = sub.add_parser("verify", help="check every shard of a prepared directory",
+                            description="Read every shard of a prepared directory in full: sizes, "
+                                        "sha256s, token id ranges, document indexes and loss "
+                                        "masks against manifest.json. Exit 0 if all match, 2 "
+                                        "naming the first bad shard otherwise.")
+    verify.add_argument("dir", metavar="DIR", help="a directory written by `gigajax data prepare`")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(handler=_verify)

@@ -16,6 +16,8 @@ from gigajax.plan.planner import format_plan
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     if args.devices is not None and args.devices < 1:
         raise GigajaxError(f"--devices {args.devices}: give a device count >= 1.")
+    if args.top < 1:
+        raise GigajaxError(f"--top {args.top}: give the number of rows to print, >= 1.")
     cfg = api.load_config(args.config, *split_overrides(rest))
     if args.advise:
         if args.compile:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from gigajax.config.schema import base_config
-from gigajax.config.validate import validate
+from gigajax.config.validate import unknown_key_message, validate
 from gigajax.errors import ConfigError
 
 ConfigSource = str | Path | Mapping[str, Any] | ml_collections.ConfigDict
@@ -42,11 +43,33 @@ def _run_config_file(path: Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"Config file {str(path)!r} does not exist. Pass a file such as "
                           "configs/tiny.py.")
     spec = importlib.util.spec_from_file_location(f"gigajax_config_{path.stem}", path)
+    if spec is None:
+        raise ConfigError(f"Config file {str(path)!r} is not a Python file; pass a file such "
+                          "as configs/tiny.py.")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"Config file {str(path)!r} has no get_config() function.")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"Config file {str(path)!r} has no get_config() function.")
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's own code: say where it failed, in one line
+        raise ConfigError(f"Config file {str(path)!r} failed{_where(error, path)}: "
+                          f"{type(error).__name__}: {error}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() of {str(path)!r} returned {type(cfg).__name__}; return "
+                          "the ConfigDict of gigajax.config.base_config() with your changes.")
+    return cfg
+
+
+def _where(error: BaseException, path: Path) -> str:
+    """' at line N' of the config file where `error` was raised, when it was raised there."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if Path(f.filename).resolve() == path.resolve()]
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" at line {error.lineno}"
+    return f" at line {frames[-1].lineno}" if frames else ""
 
 
 def config_from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict
@@ -61,8 +84,7 @@ def _merge(node: ml_collections.ConfigDict, values: Mapping[str, Any], where: st
     for key, value in values.items():
         field = f"{where}{key}"
         if key not in node:
-            raise ConfigError(f"Unknown config field {field!r}; fields of "
-                              f"{where.rstrip('.') or 'config'}: {_keys(node)}.")
+            raise ConfigError(unknown_key_message(field, list(node.keys()), where.rstrip(".")))
         if isinstance(node[key], ml_collections.ConfigDict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config.{field} is a section ({_keys(node[key])}); give it "
@@ -100,8 +122,9 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, value: Any, shown: 
                               f"override {shown!r}; sections here: {_keys(node)}.")
         node = node[name]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ConfigError(f"Unknown config field {key!r} in override {shown!r}; fields of "
-                          f"{'.'.join(parents) or 'config'}: {_keys(node)}.")
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"{unknown_key_message(key, known, '.'.join(parents))} (in override "
+                          f"{shown!r})")
     if isinstance(node[leaf], ml_collections.ConfigDict):
         raise ConfigError(f"config.{key} is a section ({_keys(node[leaf])}): override one of "
                           f"its fields, e.g. {key}.{sorted(node[leaf].keys())[0]}=...")

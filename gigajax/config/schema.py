@@ -88,8 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     # zero_stage 3: parameters and optimizer state over `fsdp` (FSDP); 1: optimizer state only.
     # megatron_sp: split norm/residual activations over `tensor` too (Megatron sequence parallel).
     c.sharding = dict(zero_stage=3, megatron_sp=False)
-    # keep the last max_to_keep checkpoints, plus every one whose step is a multiple of keep_every
-    c.checkpoint = dict(max_to_keep=3, keep_every=0, async_save=True)
+    # keep the last max_to_keep checkpoints, plus every one whose step is a multiple of keep_every;
+    # require_checksums: refuse to restore a checkpoint without checksums.json (else a warning)
+    c.checkpoint = dict(max_to_keep=3, keep_every=0, async_save=True, require_checksums=True)
     return ml_collections.ConfigDict(c)
 
 

@@ -1,5 +1,7 @@
-"""Field checks of a config: every value a user sets, on its own and against the config's other
-fields; each failure is a ConfigError naming the field and what is allowed.
+"""Field checks of a config: its shape against `base_config()` (no unknown or missing keys), every
+field against its entry in `fields.FIELDS`, fields that only apply under another field's value
+(`fields.APPLIES_ONLY`), and the checks between fields; each failure is a ConfigError naming the
+field and what is allowed.
 
 What needs more than the config is checked by the layer that knows it: whether the model and
 batch split over the mesh (`parallel/checks.py`), whether the data's tokenizer and ids fit the
@@ -9,34 +11,14 @@ touches a file or a device, and `gigajax.validate` is that.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
 
-from gigajax.config.schema import (
-    ATTENTION_IMPLS,
-    DATA_SOURCES,
-    DTYPES,
-    MESH_AXES,
-    MOMENT_DTYPES,
-    NONFINITE_POLICIES,
-    OPTIMIZERS,
-    REMAT_POLICIES,
-    ROPE_SCALINGS,
-    SCHEDULES,
-    SEQUENCE_LAYOUTS,
-    SP_IMPLS,
-    ZERO_STAGES,
-    head_dim,
-)
+from gigajax.config.fields import APPLIES_ONLY, FIELDS, USED_ONLY
+from gigajax.config.schema import MESH_AXES, base_config, head_dim
 from gigajax.errors import ConfigError
-
-POSITIVE_FIELDS = (
-    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-    "model.mlp_dim", "model.max_seq_len", "model.rope_theta", "model.norm_eps", "model.init_std",
-    "attention.block_q", "attention.block_kv", "data.seq_len", "data.batch_size", "train.steps",
-    "train.microbatches", "train.loss_chunks", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.checkpoint_every", "checkpoint.max_to_keep", "optim.lr")
 
 
 def require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -49,40 +31,88 @@ def get(cfg: ml_collections.ConfigDict, field: str) -> Any:
     """The value of `field` ('a.b'), or a ConfigError when the config lacks it."""
     node = cfg
     for name in field.split("."):
-        if name not in node:
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
             raise ConfigError(f"config.{field} is missing; start configs from "
                               "gigajax.config.base_config().")
         node = node[name]
     return node
 
 
-def _choice(cfg: ml_collections.ConfigDict, field: str, allowed: tuple, prefix: str = "") -> None:
+def unknown_key_message(field: str, known: list[str], where: str) -> str:
+    """'Unknown config field X (did you mean Y?); fields of <where>: ...' for `field`."""
+    leaf = field.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"Unknown config field {field!r}{hint}; fields of {where or 'config'}: "
+            f"{', '.join(sorted(known))}.")
+
+
+def check_keys(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+               where: str = "") -> None:
+    """Every key of `cfg` exists in `reference` (the base config) and the other way round, at
+    every depth: a field set by a typo in a config file is an error, not a silent no-op."""
+    for key in cfg.keys():
+        field = f"{where}{key}"
+        if key not in reference:
+            raise ConfigError(unknown_key_message(field, list(reference.keys()),
+                                                  where.rstrip(".")))
+        is_section = isinstance(reference[key], ml_collections.ConfigDict)
+        if is_section != isinstance(cfg[key], ml_collections.ConfigDict):
+            what = "a section" if is_section else "a field"
+            raise ConfigError(f"config.{field} is {what} of the base config; got "
+                              f"{cfg[key]!r}.")
+        if is_section:
+            check_keys(cfg[key], reference[key], f"{field}.")
+    for key in reference.keys():
+        if key not in cfg:
+            raise ConfigError(f"config.{where}{key} is missing; start configs from "
+                              "gigajax.config.base_config().")
+
+
+def check_field(cfg: ml_collections.ConfigDict, field: str, prefix: str = "") -> None:
+    """`field` of `cfg` against its spec in FIELDS (`prefix` + field names it there)."""
     value = get(cfg, field)
-    require(value in allowed, prefix + field, value,
-            f"choose one of {', '.join(repr(a) for a in allowed)}")
+    spec = FIELDS[prefix + field]
+    require(spec.accepts(value), prefix + field, value, spec.allowed())
 
 
-def _positive(cfg: ml_collections.ConfigDict, *fields: str) -> None:
-    for field in fields:
-        value = get(cfg, field)
-        require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
-                field, value, "it must be a positive number")
+def check_applies(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict,
+                  field: str, prefix: str = "") -> None:
+    """A field of APPLIES_ONLY set away from its default only under the values it applies to."""
+    depends_on, values = APPLIES_ONLY[prefix + field]
+    value, default = get(cfg, field), get(defaults, field)
+    other = get(cfg, depends_on.removeprefix(prefix))
+    if value != default and other not in values:
+        shown = " or ".join(repr(v) for v in values)
+        raise ConfigError(f"config.{prefix}{field}={value!r} only applies with {depends_on}="
+                          f"{shown} ({depends_on} is {other!r}): set {depends_on}, or leave "
+                          f"{prefix}{field} at its default {default!r}.")
 
 
-def _fraction(cfg: ml_collections.ConfigDict, field: str, prefix: str = "") -> None:
-    value = get(cfg, field)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-    require(ok, prefix + field, value, "use a number in [0, 1]")
+def unused_fields(cfg: ml_collections.ConfigDict) -> list[str]:
+    """A line for each field of USED_ONLY that is set away from its default but unused."""
+    defaults, out = base_config(), []
+    for field, (depends_on, values) in USED_ONLY.items():
+        value, other = get(cfg, field), get(cfg, depends_on)
+        if value != get(defaults, field) and other not in values:
+            out.append(f"{field}={value!r} is not used with {depends_on}={other!r}")
+    return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Check every user-settable field; raise ConfigError naming the first bad one."""
-    _positive(cfg, *POSITIVE_FIELDS)
+    """Check the whole config; raise ConfigError naming the first bad field (module doc)."""
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"a config is an ml_collections.ConfigDict (from "
+                          f"gigajax.load_config or base_config()), not {type(cfg).__name__}.")
+    defaults = base_config()
+    check_keys(cfg, defaults)
+    for field in FIELDS:
+        check_field(cfg, field)
+    for field in APPLIES_ONLY:
+        check_applies(cfg, defaults, field)
     _check_model(cfg)
-    _check_attention(cfg)
     _check_data(cfg)
     _check_train(cfg)
-    _check_optim(cfg)
     _check_mesh(cfg)
 
 
@@ -90,110 +120,48 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
     m, rs = cfg.model, cfg.model.rope_scaling
     require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
             f"it must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    require(m.head_dim >= 0, "model.head_dim", m.head_dim, "use 0 (d_model // n_heads) or > 0")
     require(m.head_dim > 0 or m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
             f"with model.head_dim=0 it must be divisible by model.n_heads={m.n_heads}")
     require(head_dim(m) % 2 == 0, "model.head_dim", head_dim(m),
             "RoPE needs an even head dimension")
-    _choice(cfg, "model.dtype", DTYPES)
-    _choice(cfg, "model.remat", REMAT_POLICIES)
-    _choice(cfg, "model.rope_scaling.type", ROPE_SCALINGS)
-    require(rs.factor >= 1.0, "model.rope_scaling.factor", rs.factor,
-            "it must be >= 1 (1 means no scaling)")
-    require(rs.beta_fast > rs.beta_slow > 0, "model.rope_scaling.beta_fast", rs.beta_fast,
-            f"YaRN needs beta_fast > beta_slow={rs.beta_slow} > 0")
-    require(rs.original_max_seq_len >= 0, "model.rope_scaling.original_max_seq_len",
-            rs.original_max_seq_len, "use 0 (max_seq_len / factor) or the pretraining length")
-    require(m.sliding_window >= 0, "model.sliding_window", m.sliding_window,
-            "use 0 for full attention or a positive window length")
-
-
-def _check_attention(cfg: ml_collections.ConfigDict) -> None:
-    a = cfg.attention
-    _choice(cfg, "attention.impl", ATTENTION_IMPLS)
-    _choice(cfg, "attention.sp_impl", SP_IMPLS)
-    _choice(cfg, "attention.layout", SEQUENCE_LAYOUTS)
-    require(isinstance(a.ulysses_degree, int) and a.ulysses_degree >= 1,
-            "attention.ulysses_degree", a.ulysses_degree,
-            "use a positive integer (the all-to-all part of mesh.sequence in hybrid)")
-    require(a.ulysses_degree == 1 or a.sp_impl == "hybrid", "attention.ulysses_degree",
-            a.ulysses_degree, f"it only applies to attention.sp_impl='hybrid' (sp_impl is "
-            f"{a.sp_impl!r}); leave it at 1")
+    require(rs.beta_fast > rs.beta_slow, "model.rope_scaling.beta_fast", rs.beta_fast,
+            f"YaRN needs beta_fast > beta_slow={rs.beta_slow}")
 
 
 def _check_data(cfg: ml_collections.ConfigDict) -> None:
-    d = cfg.data
-    validate_data(d)
-    require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len", d.seq_len,
+    _check_passkey_digits(cfg.data)
+    require(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
             f"it must be <= model.max_seq_len={cfg.model.max_seq_len}")
+
+
+def _check_passkey_digits(data_cfg: ml_collections.ConfigDict) -> None:
+    digits, least = data_cfg.passkey.key_digits, data_cfg.passkey.min_key_digits
+    require(least <= digits, "data.passkey.min_key_digits", least,
+            f"use 0 (every key has data.passkey.key_digits={digits} digits) or 1 to {digits}")
 
 
 def validate_data(data_cfg: ml_collections.ConfigDict) -> None:
     """The fields of the `data` section on their own (the data layer checks a section with it
     before it reads anything)."""
-    d, pk = data_cfg, data_cfg.passkey
-    _choice(d, "source", DATA_SOURCES, "data.")
-    for field in ("seq_len", "batch_size"):
-        require(isinstance(d[field], int) and not isinstance(d[field], bool) and d[field] > 0,
-                f"data.{field}", d[field], "it must be a positive number")
-    require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
-            "it must lie strictly between 0 and 1")
-    require(d.max_bytes >= 0, "data.max_bytes", d.max_bytes,
-            "use 0 for the whole corpus or a positive byte budget")
-    _fraction(d, "fim_rate", "data.")
-    digits, least = pk.key_digits, pk.min_key_digits
-    require(isinstance(digits, int) and not isinstance(digits, bool) and 1 <= digits <= 32,
-            "data.passkey.key_digits", digits,
-            "use an integer from 1 to 32 (the PassKey benchmark uses 5)")
-    require(isinstance(least, int) and not isinstance(least, bool) and 0 <= least <= digits,
-            "data.passkey.min_key_digits", least,
-            f"use 0 (every key has data.passkey.key_digits={digits} digits) or 1 to {digits}")
-    _fraction(d, "passkey.text_weight", "data.")
-    _fraction(d, "passkey.short_rate", "data.")
+    defaults = base_config().data
+    check_keys(data_cfg, defaults, "data.")
+    for field in FIELDS:
+        if field.startswith("data."):
+            check_field(data_cfg, field.removeprefix("data."), "data.")
+    for field in APPLIES_ONLY:
+        if field.startswith("data."):
+            check_applies(data_cfg, defaults, field.removeprefix("data."), "data.")
+    _check_passkey_digits(data_cfg)
 
 
 def _check_train(cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
-    require(isinstance(t.steps, int) and not isinstance(t.steps, bool), "train.steps", t.steps,
-            "use an integer > 0")
-    require(t.z_loss >= 0, "train.z_loss", t.z_loss, "it must be >= 0")
     require(cfg.data.seq_len % t.loss_chunks == 0, "train.loss_chunks", t.loss_chunks,
             f"it must divide data.seq_len={cfg.data.seq_len}")
     require(cfg.data.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
             f"it must divide data.batch_size={cfg.data.batch_size}")
-    _choice(cfg, "train.nonfinite", NONFINITE_POLICIES)
-    keep = cfg.checkpoint.keep_every
-    require(isinstance(keep, int) and keep >= 0, "checkpoint.keep_every", keep,
-            "use 0 (keep only the last checkpoint.max_to_keep) or a positive step interval")
-
-
-def _check_optim(cfg: ml_collections.ConfigDict) -> None:
-    o = cfg.optim
-    _choice(cfg, "optim.name", OPTIMIZERS)
-    _choice(cfg, "optim.schedule", SCHEDULES)
-    _choice(cfg, "optim.moment_dtype", MOMENT_DTYPES)
-    require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps",
-            o.warmup_steps, "use an integer >= 0 (longer than train.steps warms up over the "
-            "whole run)")
-    require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio,
-            "use a value in [0, 1]")
-    require(0.0 < o.wsd_decay_fraction <= 1.0, "optim.wsd_decay_fraction",
-            o.wsd_decay_fraction, "use a value in (0, 1]: the share of train.steps that "
-            "schedule=wsd decays over")
-    require(o.clip_norm is None or o.clip_norm >= 0, "optim.clip_norm", o.clip_norm,
-            "use a value >= 0 (0 or None turns clipping off)")
-    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use a value >= 0")
 
 
 def _check_mesh(cfg: ml_collections.ConfigDict) -> None:
-    for axis in MESH_AXES:
-        size = get(cfg, f"mesh.{axis}")
-        require(isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1),
-                f"mesh.{axis}", size, "use a positive size, or -1 for the rest of the devices")
     require(sum(cfg.mesh[a] == -1 for a in MESH_AXES) <= 1, "mesh", dict(cfg.mesh),
             "at most one axis may be -1")
-    require(cfg.sharding.zero_stage in ZERO_STAGES, "sharding.zero_stage",
-            cfg.sharding.zero_stage, "use 3 (FSDP: parameters and optimizer state sharded) or "
-            "1 (optimizer state only)")
-    require(isinstance(cfg.sharding.megatron_sp, bool), "sharding.megatron_sp",
-            cfg.sharding.megatron_sp, "use true or false")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from collections.abc import Sequence
 
 import grain
@@ -299,11 +301,13 @@ class DataIds:
     eos_id: int
     max_token_id: int  # the largest id in the data (vocab_size - 1 when unknown)
     fim: FimSpec | None  # the FIM sentinels (rate = data.fim_rate), None if it has none
+    max_token_where: str = ""  # which shard holds max_token_id ("" when not prepared data)
 
 
 def parse_mixture(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
-    """`data.path` (one directory) or `data.mixture` ('DIR=WEIGHT,DIR=WEIGHT') -> [(dir, w)]
-    with weights summing to 1."""
+    """`data.path` (one directory) or `data.mixture` ('DIR=WEIGHT,DIR=WEIGHT') -> [(dir, w)],
+    each weight finite and positive, each directory once (`check_mixture_weights` checks that
+    they sum to 1)."""
     path, mixture = data_cfg.path, data_cfg.mixture
     if bool(path) == bool(mixture):
         raise ConfigError(
@@ -312,25 +316,45 @@ def parse_mixture(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, float]
             f"data.mixture={mixture!r}).")
     if path:
         return [(path, 1.0)]
-    entries = []
+    entries, seen = [], {}
+    example = "e.g. data.mixture='data/code=0.3,data/web=0.7'"
     for item in mixture.split(","):
         directory, sep, weight = item.strip().rpartition("=")
         try:
             value = float(weight)
         except ValueError:
-            value = -1.0
-        if not sep or not directory or not value > 0:
+            value = None
+        if not sep or not directory or value is None:
             raise ConfigError(f"data.mixture entry {item!r} is not DIR=WEIGHT with a positive "
-                              "weight; e.g. data.mixture='data/code=0.3,data/web=0.7'.")
+                              f"weight; {example}.")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"data.mixture entry {item!r}: the weight {weight.strip()!r} is not "
+                              f"a finite positive number (leave a directory out rather than "
+                              f"give it weight 0); {example}.")
+        key = os.path.realpath(directory)
+        if key in seen:
+            raise ConfigError(f"data.mixture names the directory {directory!r} twice ({seen[key]!r}"
+                              f" and {item.strip()!r}); give each directory once, with its whole "
+                              "weight.")
+        seen[key] = item.strip()
         entries.append((directory, value))
-    total = sum(w for _, w in entries)
-    return [(d, w / total) for d, w in entries]
+    return entries
+
+
+def check_mixture_weights(entries: list[tuple[str, float]]) -> None:
+    """A ConfigError unless the weights sum to 1 within 1e-6, giving the normalised ones."""
+    total = math.fsum(w for _, w in entries)
+    if abs(total - 1) > 1e-6:
+        normalised = ",".join(f"{d}={w / total:.10g}" for d, w in entries)
+        raise ConfigError(f"data.mixture weights sum to {total:.10g}, not 1 (within 1e-6): they "
+                          "are the sampling probabilities of the directories. Write them "
+                          f"normalised: data.mixture='{normalised}'.")
 
 
 def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, float]], DataIds,
                                                                 bool]:
-    """Read every manifest of the prepared source and check they agree; returns (dirs with
-    weights, ids, whether any has a loss mask)."""
+    """Read (and check) every manifest of the prepared source and check they agree; returns
+    (dirs with weights summing to 1, ids, whether any has a loss mask)."""
     entries = parse_mixture(data_cfg)
     manifests = [(d, store.read_manifest(d)) for d, _ in entries]
     first_dir, first = manifests[0]
@@ -339,6 +363,7 @@ def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, 
             raise ConfigError(f"data.mixture: {d} was prepared with tokenizer "
                               f"{m['tokenizer']['spec']!r} and {first_dir} with "
                               f"{first['tokenizer']['spec']!r}; a mixture needs one tokenizer.")
+    check_mixture_weights(entries)
     tok = first["tokenizer"]
     if data_cfg.tokenizer != "auto":
         wanted = get_tokenizer(data_cfg.tokenizer)
@@ -348,20 +373,26 @@ def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, 
                               "data.tokenizer=auto (the manifest's) or prepare again.")
     fim_ids = (tok.get("fim_prefix_id"), tok.get("fim_middle_id"), tok.get("fim_suffix_id"))
     fim = FimSpec(data_cfg.fim_rate, *fim_ids) if None not in fim_ids else None
-    ids = DataIds(tok["vocab_size"], tok["eos_id"],
-                  max(int(m.get("max_token_id", tok["vocab_size"] - 1)) for _, m in manifests), fim)
-    return entries, ids, any(m.get("has_loss_mask") for _, m in manifests)
+    shards = [(s["max_token_id"], f"shard {s['name']} of {d}") for d, m in manifests
+              for split in store.SPLITS for s in m["splits"][split]["shards"]]
+    max_id, where = max(shards, default=(-1, ""), key=lambda s: s[0])
+    ids = DataIds(tok["vocab_size"], tok["eos_id"], max_id, fim, where)
+    total = math.fsum(w for _, w in entries)
+    return ([(d, w / total) for d, w in entries], ids,
+            any(m["has_loss_mask"] for _, m in manifests))
 
 
 def check_data(cfg: ml_collections.ConfigDict) -> DataIds:
-    """`check_data_config`, and the data's ids against `model.vocab_size`; returns the ids."""
+    """`check_data_config`, and the data's ids against `model.vocab_size` (for prepared data:
+    every shard's recorded largest id); returns the ids."""
     ids, vocab_size = check_data_config(cfg.data), cfg.model.vocab_size
     if vocab_size < ids.vocab_size:
         raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: the data's "
                           f"tokenizer has {ids.vocab_size} ids.")
     if vocab_size <= ids.max_token_id:
-        raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: the prepared "
-                          f"data holds token id {ids.max_token_id}.")
+        where = ids.max_token_where or "the prepared data"
+        raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: {where} holds "
+                          f"token id {ids.max_token_id}; it must be >= {ids.max_token_id + 1}.")
     return ids
 
 
@@ -399,7 +430,8 @@ def data_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     the sources that tokenize text themselves, else the prepared data's (first) manifest's."""
     if data_cfg.tokenizer != "auto" or data_cfg.source in ("stdlib", "passkey"):
         return _generated_tokenizer(data_cfg)
-    return get_tokenizer(store.read_manifest(parse_mixture(data_cfg)[0][0])["tokenizer"]["spec"])
+    manifest = store.read_manifest(parse_mixture(data_cfg)[0][0], shards=False)  # spec alone
+    return get_tokenizer(manifest["tokenizer"]["spec"])
 
 
 def build_datasets(

@@ -8,8 +8,9 @@ writes a shard per split whenever it holds --shard-tokens tokens (documents neve
 shards). So the output depends on the inputs and options only, never on --workers.
 
 The manifest is written last and carries a fingerprint of (inputs' paths, sizes, mtimes;
-tokenizer; options): a re-run whose fingerprint matches and whose shards have their sizes does
-nothing. A rebuild writes into `.staging/` and replaces the old dataset only once it is complete
+tokenizer; options), each shard's sha256s and id range, and its own sha256 (`store.py`): a re-run
+whose fingerprint matches and whose shards all have their sizes and sha256s (`verify.py` reads
+them) does nothing. A rebuild writes into `.staging/` and replaces the old dataset only once it is complete
 (old manifest deleted, old shards deleted, new shards moved in, new manifest written), so a
 rebuild that fails leaves the previous dataset as it was.
 """
@@ -37,6 +38,7 @@ import numpy as np
 from gigajax.data import readers, store
 from gigajax.data.stdlib_corpus import is_validation
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
+from gigajax.data.verify import verify_prepared
 from gigajax.errors import ConfigError, DataError, GigajaxError
 
 PREPARE_VERSION = 1
@@ -201,7 +203,6 @@ class _SplitWriter:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
-        self.max_id = -1
 
     def add(self, tokens: np.ndarray, lens: np.ndarray, mask: np.ndarray | None) -> None:
         """Append whole documents (tokens [N], lens [D], mask [N]); write full shards."""
@@ -228,7 +229,6 @@ class _SplitWriter:
             self.shards.append(store.write_shard(
                 self.out, name, tokens[first_tok:cut], ends[first_doc:k] - first_tok,
                 None if mask is None else mask[first_tok:cut], vocab_size=self.vocab_size))
-            self.max_id = max(self.max_id, int(tokens[first_tok:cut].max()))
             first_doc, first_tok = k, cut
         self.parts, self.buffered = [], len(tokens) - first_tok
         if self.buffered:
@@ -271,17 +271,17 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _up_to_date(out: Path, manifest: dict[str, Any] | None, fingerprint: str) -> bool:
-    """Same fingerprint and every listed shard file has its promised size."""
+def _up_to_date(out: Path, manifest: dict[str, Any] | None, fingerprint: str, progress: bool,
+                echo: Callable[[str], None]) -> bool:
+    """Same fingerprint and every listed shard file has its size and sha256 (`verify`)."""
     if manifest is None or manifest.get("fingerprint") != fingerprint:
         return False
-    dtype = np.dtype(manifest["dtype"])
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for suffix, (item, count) in store.shard_files(shard, dtype).items():
-                path = out / f"{shard['name']}{suffix}"
-                if not path.is_file() or path.stat().st_size != item.itemsize * count:
-                    return False
+    try:
+        verify_prepared(out, progress=progress)
+    except DataError as e:
+        echo(f"{out}: the inputs are unchanged but a shard is not what was written, so it is "
+             f"rebuilt ({e})")
+        return False
     return True
 
 
@@ -379,7 +379,7 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
         sort_keys=True).encode()).hexdigest()
     if out.is_dir():
         _remove_leftovers(out)
-    if _up_to_date(out, old, fingerprint):
+    if _up_to_date(out, old, fingerprint, progress, echo):
         echo(f"{out} is up to date ({len(files)} input files unchanged); nothing to do.")
         return old
     units = [u for i, f in enumerate(files)
@@ -401,7 +401,7 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
         "dtype": store.token_dtype(tok.vocab_size).str,
         "splits": {s: w.close() for s, w in writers.items()},
         "tokenizer": tok_record,
-        "max_token_id": max(w.max_id for w in writers.values()),
+        "max_token_id": max(s["max_token_id"] for w in writers.values() for s in w.shards),
         "has_loss_mask": sft,
         "counts": {k: counts[k] for k in COUNT_KEYS},
         "inputs": input_records,

@@ -11,14 +11,22 @@ A prepared directory (written by `gigajax data prepare`, read by the training pi
 
 for split in ("train", "validation"). Every file is written under a temporary name, flushed to
 disk and renamed, so a crash leaves at worst a `*.tmp` file, never a shard under its real name
-that holds less than it should. Reading checks each shard's byte size against the manifest
-(and its document index against its token count) before trusting it, and reads JSON and raw
-arrays only: nothing is unpickled.
+that holds less than it should. Reads are JSON and raw arrays only: nothing is unpickled.
+
+The manifest records, per shard, its token and document counts, the sha256 of each of its files
+and its smallest and largest token id; and its own `manifest_sha256`: the sha256 of its canonical
+JSON (sorted keys, no spaces) without that key. Reading it (`read_manifest`) checks every key
+the reader needs is there with its type, the ids against the tokenizer's vocabulary, the counts
+against each other and that hash, so an edited manifest is refused. Opening a split checks each
+shard's byte size, and every read of a token range checks its ids against the shard's recorded
+largest id (a max over what is read), which catches bytes overwritten in place.
+`data/verify.py` reads every byte against the recorded sha256s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -30,11 +38,24 @@ import numpy as np
 
 from gigajax.errors import DataError
 
-FORMAT = "gigajax-tokens-v1"
+FORMAT = "gigajax-tokens-v2"
+OLD_FORMATS = ("gigajax-tokens-v1",)  # no sha256 of its own, no id range per shard
 MANIFEST = "manifest.json"
+HASH_KEY = "manifest_sha256"
 SPLITS = ("train", "validation")
 DOC_DTYPE = np.dtype("<i8")
 MASK_DTYPE = np.dtype("u1")
+REBUILD = "re-run `gigajax data prepare` with the same --input and --out to rebuild it"
+# the keys (and their types) a reader needs; `prepare` writes more (counts, inputs, options, ...)
+MANIFEST_KEYS = {"format": str, HASH_KEY: str, "dtype": str, "splits": dict, "tokenizer": dict,
+                 "max_token_id": int, "has_loss_mask": bool}
+TOKENIZER_KEYS = {"spec": str, "fingerprint": str, "vocab_size": int, "eos_id": int}
+TOKENIZER_IDS = ("bos_id", "pad_id", "fim_prefix_id", "fim_middle_id", "fim_suffix_id")  # or null
+SPLIT_KEYS = {"shards": list, "num_tokens": int, "num_docs": int}
+SHARD_KEYS = {"name": str, "num_tokens": int, "num_docs": int, "min_token_id": int,
+              "max_token_id": int, "tokens_sha256": str, "docs_sha256": str}
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", dict: "a JSON object",
+          list: "a list"}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,10 +89,11 @@ def write_shard(out_dir: str | Path, name: str, tokens: np.ndarray, doc_ends: np
     """Write one shard (`name`.tokens/.docs[/.mask]) atomically; returns its manifest record.
 
     tokens: [N] ids < vocab_size; doc_ends: [D] increasing exclusive ends, the last == N;
-    mask: [N] 0/1.
+    mask: [N] 0/1. The record holds the smallest and largest id (-1 for an empty shard).
     """
     out_dir = Path(out_dir)
-    if len(tokens) and (np.min(tokens) < 0 or np.max(tokens) >= vocab_size):
+    lo, hi = (int(np.min(tokens)), int(np.max(tokens))) if len(tokens) else (-1, -1)
+    if len(tokens) and (lo < 0 or hi >= vocab_size):
         raise ValueError(f"shard {name}: token ids must lie in [0, {vocab_size})")
     tokens = np.ascontiguousarray(tokens, dtype=token_dtype(vocab_size))
     doc_ends = np.ascontiguousarray(doc_ends, dtype=DOC_DTYPE)
@@ -81,6 +103,8 @@ def write_shard(out_dir: str | Path, name: str, tokens: np.ndarray, doc_ends: np
         "name": name,
         "num_tokens": int(len(tokens)),
         "num_docs": int(len(doc_ends)),
+        "min_token_id": lo,
+        "max_token_id": hi,
         "tokens_sha256": _write_atomic(out_dir / f"{name}.tokens", tokens.data),
         "docs_sha256": _write_atomic(out_dir / f"{name}.docs", doc_ends.data),
     }
@@ -92,9 +116,19 @@ def write_shard(out_dir: str | Path, name: str, tokens: np.ndarray, doc_ends: np
     return record
 
 
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without `HASH_KEY`."""
+    body = {k: v for k, v in manifest.items() if k != HASH_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write manifest.json atomically (last, after every shard it lists); returns it as written."""
-    manifest = {"format": FORMAT, **manifest}
+    """Write manifest.json atomically (last, after every shard it lists), with this format and
+    its own sha256 (any old ones are replaced); returns it as written."""
+    body = {k: v for k, v in manifest.items() if k not in ("format", HASH_KEY)}
+    manifest = json.loads(json.dumps({"format": FORMAT, **body}))  # tuples -> lists, as read
+    manifest[HASH_KEY] = manifest_hash(manifest)
     _write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
 
@@ -107,8 +141,10 @@ def shard_files(shard: dict[str, Any], dtype: np.dtype) -> dict[str, tuple[np.dt
     return files
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared directory; a DataError saying what to run when there is none."""
+def read_manifest(data_dir: str | Path, *, shards: bool = True) -> dict[str, Any]:
+    """The manifest of a prepared directory, checked (`check_manifest`; with shards=False its
+    format, keys and hash only, for a reader of the tokenizer record alone); a DataError saying
+    what to run when there is none."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(
@@ -117,19 +153,134 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             f"--tokenizer TOKENIZER --out {data_dir}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({e}); run `gigajax data prepare` again.") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} has format {manifest.get('format')!r}; this version reads "
-                        f"{FORMAT!r}. Prepare the data again.")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is unreadable ({e}); {REBUILD}.") from None
+    check_manifest(manifest, path, shards=shards)
     return manifest
 
 
-class ConcatStream(Sequence):
-    """Several 1-D memory-mapped arrays read as one: `stream[a:b]` copies only tokens a..b-1."""
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
+
+def _fields(record: Any, keys: dict[str, type], where: str, path: Path) -> None:
+    """Every key of `keys` is in `record` (a JSON object) with its type; else a DataError
+    naming the key (dotted from the manifest's top) and the file."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: {where or 'the manifest'} is {_short(record)}, not a JSON "
+                        f"object; {REBUILD}.")
+    for key, kind in keys.items():
+        name = f"{where}.{key}" if where else key
+        if key not in record:
+            raise DataError(f"{path}: the key {name!r} is missing (the manifest was edited or "
+                            f"damaged); {REBUILD}.")
+        value = record[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"{path}: {name} is {_short(value)} where {_KINDS[kind]} is "
+                            f"needed (the manifest was edited or damaged); {REBUILD}.")
+
+
+def check_manifest(manifest: Any, path: Path, *, shards: bool = True) -> None:
+    """A DataError naming the file and the key for any manifest a reader cannot trust: an old
+    format, a missing or mistyped key, ids outside the vocabulary or counts that disagree
+    (unless shards=False), or a `manifest_sha256` that is not the hash of the rest (an edit)."""
+    if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
+        raise DataError(f"{path} has the older format {manifest['format']!r} (no shard id ranges "
+                        f"or manifest hash, which this version checks; it reads {FORMAT!r}): "
+                        f"{REBUILD}.")
+    _fields(manifest, {"format": str}, "", path)
+    if manifest["format"] != FORMAT:
+        raise DataError(f"{path} has format {manifest['format']!r}; this version reads "
+                        f"{FORMAT!r}: {REBUILD}.")
+    _fields(manifest, MANIFEST_KEYS, "", path)
+    tok = manifest["tokenizer"]
+    _fields(tok, TOKENIZER_KEYS, "tokenizer", path)
+    for key in TOKENIZER_IDS:
+        if tok.get(key) is not None:
+            _fields(tok, {key: int}, "tokenizer", path)
+    if shards:
+        _check_consistency(manifest, path)
+    if manifest[HASH_KEY] != manifest_hash(manifest):
+        raise DataError(f"{path} was changed after `gigajax data prepare` wrote it: its "
+                        f"{HASH_KEY} is not the sha256 of the rest of it (canonical JSON); a "
+                        f"manifest is not edited by hand: {REBUILD}.")
+
+
+def _check_consistency(manifest: dict[str, Any], path: Path) -> None:
+    """The ids against the vocabulary, the splits' keys, the counts against each other."""
+    tok = manifest["tokenizer"]
+    vocab = tok["vocab_size"]
+    refuse = functools.partial(_refuse, path)
+    if vocab < 1 or manifest["dtype"] != token_dtype(vocab).str:
+        raise refuse(f"dtype {manifest['dtype']!r} and tokenizer.vocab_size={vocab} disagree "
+                     f"(a vocabulary of {vocab} ids is stored as {token_dtype(vocab).str!r})")
+    _fields(manifest["splits"], dict.fromkeys(SPLITS, dict), "splits", path)
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        _fields(entry, SPLIT_KEYS, f"splits.{split}", path)
+        for k, shard in enumerate(entry["shards"]):
+            where = f"splits.{split}.shards[{k}]"
+            _fields(shard, SHARD_KEYS, where, path)
+            _check_shard(shard, where, shard_name(split, k), manifest, path)
+        for key in ("num_tokens", "num_docs"):
+            if entry[key] != sum(s[key] for s in entry["shards"]):
+                raise refuse(f"splits.{split}.{key}={entry[key]} is not the sum over its shards "
+                             f"({sum(s[key] for s in entry['shards'])})")
+    for key in ("eos_id", *TOKENIZER_IDS):  # after the shards, which name themselves
+        if tok.get(key) is not None and not 0 <= tok[key] < vocab:
+            raise refuse(f"tokenizer.{key}={tok[key]} is outside its vocabulary [0, {vocab})")
+    if manifest["max_token_id"] >= vocab:
+        raise refuse(f"max_token_id={manifest['max_token_id']} is not below tokenizer.vocab_size"
+                     f"={vocab}")
+
+
+def _refuse(path: Path, what: str) -> DataError:
+    """The error for a manifest that says something impossible."""
+    return DataError(f"{path}: {what}; {REBUILD}.")
+
+
+def _check_shard(shard: dict[str, Any], where: str, name: str, manifest: dict[str, Any],
+                 path: Path) -> None:
+    """One shard record against its place, the vocabulary and the loss mask flag."""
+    refuse = functools.partial(_refuse, path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if shard["name"] != name:
+        raise refuse(f"{where}.name is {shard['name']!r} where its place in the list says "
+                     f"{name!r}")
+    if shard["num_tokens"] < 0 or not 0 <= shard["num_docs"] <= shard["num_tokens"]:
+        raise refuse(f"shard {name} promises {shard['num_docs']} documents in "
+                     f"{shard['num_tokens']} tokens")
+    lo, hi = shard["min_token_id"], shard["max_token_id"]
+    if shard["num_tokens"] and not 0 <= lo <= hi:
+        raise refuse(f"shard {name} records ids from {lo} to {hi}")
+    if hi >= vocab:
+        raise refuse(f"shard {name} holds token ids up to {hi}, but tokenizer.vocab_size={vocab} "
+                     f"allows ids below {vocab} only (the manifest was edited, or the shard is "
+                     "another tokenizer's)")
+    if hi > manifest["max_token_id"]:
+        raise refuse(f"shard {name} holds token id {hi}, above the manifest's max_token_id="
+                     f"{manifest['max_token_id']}")
+    if manifest["has_loss_mask"]:
+        _fields(shard, {"mask_sha256": str}, where, path)
+    elif "mask_sha256" in shard:
+        raise refuse(f"shard {name} has a loss mask, but has_loss_mask is false")
+
+
+class ConcatStream(Sequence):
+    """Several 1-D memory-mapped arrays read as one: `stream[a:b]` copies only tokens a..b-1.
+
+    With `files` and `limits` (one each per part) every read checks its values are <= the
+    part's limit (a max over what is read) and names the file and position when one is not.
+    """
+
+    def __init__(self, parts: list[np.ndarray], files: list[Path] | None = None,
+                 limits: list[int] | None = None, kind: str = "token id"):
+        keep = [i for i, p in enumerate(parts) if len(p)]
+        self.parts = [parts[i] for i in keep]
+        self.files = [files[i] for i in keep] if files is not None else None
+        self.limits = [limits[i] for i in keep] if limits is not None else None
+        self.kind = kind
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
         self.dtype = self.parts[0].dtype if self.parts else np.dtype("<u2")
 
@@ -153,9 +304,24 @@ class ConcatStream(Sequence):
             if pos >= stop:
                 break
             lo, hi = pos - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
-            pieces.append(np.asarray(self.parts[i][lo:hi]))
+            piece = np.asarray(self.parts[i][lo:hi])
+            if self.limits is not None and len(piece) and piece.max() > self.limits[i]:
+                self._refuse(i, int(lo), piece)
+            pieces.append(piece)
             pos = self.starts[i] + hi
         return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+
+    def _refuse(self, i: int, lo: int, piece: np.ndarray) -> None:
+        """The DataError for a value above part i's limit in `piece` (part i from `lo`)."""
+        k = int(np.argmax(piece > self.limits[i]))
+        file, limit = self.files[i], self.limits[i]
+        allowed = ("only 0 and 1 are written" if self.kind == "mask value" else
+                   f"the largest id `gigajax data prepare` wrote in this shard is {limit}")
+        raise DataError(
+            f"{file}: token {lo + k} (byte {(lo + k) * piece.itemsize}) holds {self.kind} "
+            f"{int(piece[k])}, where {allowed}: the file was changed after it was prepared "
+            f"(its size is right). `gigajax data verify {file.parent}` checks every shard; "
+            f"{REBUILD}.")
 
 
 @dataclasses.dataclass
@@ -168,44 +334,53 @@ class PreparedSplit:
     manifest: dict[str, Any]
 
 
-def _mapped(path: Path, dtype: np.dtype, count: int, what: str) -> np.ndarray:
-    """Memory-map `path` after checking it holds exactly `count` items of `dtype`."""
+def check_size(path: Path, dtype: np.dtype, count: int, what: str) -> None:
+    """A DataError unless `path` holds exactly `count` items of `dtype`."""
     expected = count * dtype.itemsize
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise DataError(f"{what}: {path} is missing or unreadable ({e.strerror}); prepare the "
-                        "data again.") from None
+        raise DataError(f"{what}: {path} is missing or unreadable ({e.strerror}); "
+                        f"{REBUILD}.") from None
     if size != expected:
         raise DataError(f"{what}: {path} has {size} bytes where the manifest promises {expected} "
-                        "(truncated or overwritten); prepare the data again.")
+                        f"(truncated or overwritten); {REBUILD}.")
+
+
+def _mapped(path: Path, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+    """Memory-map `path` after checking it holds exactly `count` items of `dtype`."""
+    check_size(path, dtype, count, what)
     if count == 0:
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
 def open_split(data_dir: str | Path, split: str) -> PreparedSplit:
-    """Memory-map `split` of a prepared directory, checking every shard's size first."""
+    """Memory-map `split` of a prepared directory (manifest checked, every shard's size
+    checked); its reads check ids against each shard's recorded largest id."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    if split not in manifest.get("splits", {}):
-        raise DataError(f"{data_dir} has no {split!r} split (it has "
-                        f"{sorted(manifest.get('splits', {}))}).")
+    if split not in SPLITS:
+        raise DataError(f"{data_dir} has no {split!r} split (it has {list(SPLITS)}).")
     dtype = np.dtype(manifest["dtype"])
     tokens, masks, num_docs = [], [], 0
+    files, limits = [], []
     for shard in manifest["splits"][split]["shards"]:
         what = f"prepared data {data_dir}, shard {shard['name']}"
         arrays = {suffix: _mapped(data_dir / f"{shard['name']}{suffix}", item, count, what)
                   for suffix, (item, count) in shard_files(shard, dtype).items()}
         tokens.append(arrays[".tokens"])
+        files.append(data_dir / f"{shard['name']}.tokens")
+        limits.append(shard["max_token_id"])
         docs = arrays[".docs"]
         if shard["num_docs"] and int(docs[-1]) != shard["num_tokens"]:
             raise DataError(f"{what}: its document index ends at {int(docs[-1])}, not at its "
-                            f"{shard['num_tokens']} tokens; prepare the data again.")
+                            f"{shard['num_tokens']} tokens; {REBUILD}.")
         if ".mask" in arrays:
             masks.append(arrays[".mask"])
         num_docs += shard["num_docs"]
-    mask = ConcatStream(masks) if masks else None
-    if mask is not None and len(masks) != len(tokens):
-        raise DataError(f"{data_dir}: only some {split} shards have a loss mask; prepare again.")
-    return PreparedSplit(ConcatStream(tokens), mask, num_docs, manifest)
+    mask = None
+    if masks:  # check_manifest saw that every shard has one
+        mask = ConcatStream(masks, [f.with_suffix(".mask") for f in files], [1] * len(masks),
+                            kind="mask value")
+    return PreparedSplit(ConcatStream(tokens, files, limits), mask, num_docs, manifest)

@@ -275,6 +275,9 @@ def train_tokenizer(files: list[str], vocab_size: int, out_path: str | os.PathLi
         raise ConfigError(f"--vocab-size={vocab_size} is too small: a byte-level BPE needs at "
                           f"least {256 + len(SPECIALS)} ids (256 bytes + {len(SPECIALS)} "
                           "specials).")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ConfigError(f"--min-frequency={min_frequency!r}: give a count >= 1 (how often a "
+                          "pair must be seen to be merged).")
     inputs = readers.expand_inputs(files)
     tok = _HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -157,6 +157,8 @@ def run_passkey(trained: Trained, lengths: Sequence[int], depths: Sequence[float
     if min(samples, batch_size, key_digits) < 1:
         raise GigajaxError(f"--samples {samples}, --batch-size {batch_size} and --key-digits "
                            f"{key_digits} must be >= 1.")
+    if not 0 <= seed < 2**31:
+        raise GigajaxError(f"--seed {seed}: give a seed in [0, 2**31).")
     tokenizer = data_tokenizer(trained.config.data)
     check_lengths(lengths, tokenizer, key_digits)
     original = original_context(trained)

@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from tensorboardX import SummaryWriter
 
+from gigajax.train.workdir import write_text_atomic
+
 
 def log_console(stderr: bool = False) -> Console:
     """A rich Console that keeps lines whole when output goes to a file or pipe (rich's 80 columns
@@ -80,7 +82,7 @@ class MetricsLogger:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
                 continue
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -7,7 +7,10 @@ and `config.json`. Running the same command again resumes from the latest readab
 starts from `train.init_from`'s params when set (fine-tuning, e.g. with RoPE scaling). SIGTERM
 (preemption) lets the step in flight finish, saves, and exits; with several processes all stop at
 the step JAX's preemption service has them agree on. Ctrl-C saves too when it lands between steps
-(one process only). `train.nonfinite=stop` saves the last good state and exits on a NaN/Inf loss.
+(one process only). `train.nonfinite=stop` saves the last good state and exits on a NaN/Inf loss;
+a run whose last `DROPPED_CHECK_STEPS` steps were all dropped stops with exit 3 either way.
+Everything that can refuse a run (config, layout, data, `init_from`, a resume's saved state) is
+checked before the run writes its first file, and `config.json` is replaced atomically.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from gigajax.train.preflight import preflight
 from gigajax.train.signals import Preempted, SigtermStop
 from gigajax.train.state import StateBuilder, TrainState, layout_for
 from gigajax.train.step import make_eval_step, make_train_step
+from gigajax.train.workdir import check_workdir, write_text_atomic
 
 
 @dataclasses.dataclass
@@ -85,16 +89,62 @@ class NonFiniteStop(GigajaxError):
     exit_code = 3
 
 
-def initial_state(builder: StateBuilder, init_from: str, notes: list[str]) -> TrainState:
-    """Step 0: fresh parameters, or with `train.init_from` the params of that checkpoint (a
-    workdir's latest step, a step directory or a params checkpoint) with a new optimizer."""
+# A run whose last this many steps in a row (or all of a shorter run) were dropped stops with
+# exit 3: it trains nothing (a learning rate that sent the weights far off, broken data). A few
+# bad batches in a row do not stop it.
+DROPPED_CHECK_STEPS = 10
+
+
+@dataclasses.dataclass
+class DroppedRun:
+    """Steps dropped in a row, counted at logged steps from the state's `skipped` counter: an
+    interval counts only when every step in it was dropped."""
+
+    last_step: int
+    last_skipped: int
+    run: int = 0
+
+    def update(self, step: int, skipped: int) -> None:
+        steps = step - self.last_step
+        self.run = self.run + steps if skipped - self.last_skipped == steps else 0
+        self.last_step, self.last_skipped = step, skipped
+
+
+def has_checkpoints(directory: Path) -> bool:
+    """Whether a run's checkpoints directory holds a step (Orbax names them by the step)."""
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def read_init_from(init_from: str, notes: list[str], require_checksums: bool = True
+                   ) -> params_checkpoint.Params | None:
+    """The params of `train.init_from` (a workdir's latest step, a step directory or a params
+    checkpoint), read before the run writes anything; None when it is not set."""
     if not init_from:
-        return builder.init()
-    found = params_checkpoint.read_params(init_from, flag="train.init_from")
+        return None
+    found = params_checkpoint.read_params(init_from, flag="train.init_from",
+                                          require_checksums=require_checksums, log=notes.append)
     step = f" (step {found.step})" if found.step is not None else ""
-    state = builder.from_params(found.params, f"train.init_from={init_from}")
     notes.append(f"params from {found.path}{step}; optimizer state and step start fresh")
-    return state
+    return found
+
+
+def initial_state(builder: StateBuilder, found: params_checkpoint.Params | None,
+                  init_from: str) -> TrainState:
+    """Step 0: fresh parameters, or the params of `train.init_from` with a new optimizer."""
+    if found is None:
+        return builder.init()
+    return builder.from_params(found.params, f"train.init_from={init_from}")
+
+
+def all_dropped(run: int, done: int, metrics: dict[str, jax.Array],
+                cfg: ml_collections.ConfigDict) -> NonFiniteStop:
+    """The error for a run whose last `run` steps (up to step `done`) were all dropped."""
+    return NonFiniteStop(
+        f"steps {done - run + 1}-{done} were all dropped: each had a non-finite loss or "
+        f"gradient norm (the last: loss {float(metrics['loss'])}, gradient norm "
+        f"{float(metrics['grad_norm'])}), so training stopped; nothing was saved after the "
+        f"last checkpoint. Lower optim.lr (now {cfg.optim.lr:g}), raise optim.warmup_steps, or "
+        "check the data and model.init_std, then rerun.")
 
 
 @dataclasses.dataclass
@@ -114,12 +164,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     The devices must exist (`parallel/devices.py`); the SIGTERM handler, the progress bar and
     the files are released when it returns or raises, so it can run again in the same process.
     """
-    preflight(cfg)
-    workdir = Path(workdir)
     multi_process = jax.process_count() > 1
-    sigterm = SigtermStop(multi_process)  # installed before anything is written
+    sigterm = SigtermStop(multi_process)  # first: a SIGTERM from now on stops the run cleanly
     try:
-        return _train(cfg, workdir, progress, sigterm, multi_process)
+        preflight(cfg)
+        return _train(cfg, check_workdir(workdir), progress, sigterm, multi_process)
     finally:
         sigterm.restore()
 
@@ -130,28 +179,39 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
     mesh = make_mesh(cfg.mesh, attention_cfg=cfg.attention)
     t, batch_size = cfg.train, cfg.data.batch_size
     with jax.set_mesh(mesh):
+        # Everything that can refuse the run comes before its first file: the steps compile
+        # against the layout, the data opens, init_from is read, a resume restores.
         training = build_training(cfg, mesh)
-        if main:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
         rows = process_rows(mesh, batch_size)  # this process reads only its own rows
         perm = sequence_permutation(mesh, cfg.data.seq_len, cfg.attention.layout)
         ids, train_ds, val_data = build_datasets(cfg.data, t.seed, rows, perm)
         data_iter = batch_iterator(train_ds)  # its state is saved with every checkpoint
         notes: list[str] = config_notes(cfg)  # printed once the logger exists
+        resuming = has_checkpoints(workdir / "checkpoints")
+        found = None if resuming else read_init_from(t.init_from, notes,
+                                                     cfg.checkpoint.require_checksums)
+        val = [place_batch(b, mesh, batch_size) for b in eval_batches(
+            val_data, seq_len=cfg.data.seq_len, batch_size=batch_size,
+            num_batches=t.eval_batches, eos_id=ids.eos_id, rows=rows, sequence_perm=perm)]
         checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint.max_to_keep,
                                     cfg.checkpoint.keep_every, cfg.checkpoint.async_save,
-                                    log=notes.append)
-        restored = checkpointer.restore_latest(training.state.abstract, data_iter)
-        state = restored[0] if restored else initial_state(training.state, t.init_from, notes)
+                                    log=notes.append,
+                                    require_checksums=cfg.checkpoint.require_checksums)
+        try:
+            restored = checkpointer.restore_latest(training.state.abstract, data_iter)
+            state = restored[0] if restored else initial_state(training.state, found,
+                                                               t.init_from)
+        except BaseException:
+            checkpointer.close()  # no Orbax thread left behind a refused resume
+            raise
         start = int(state["step"])
         if (position := iterator_step(data_iter)) != start:  # no data state in the checkpoint
             notes.append(f"the data iterator is at batch {position}, the state at step {start}: "
                          f"reading from batch {start} (batches are indexed by step)")
             data_iter = batch_iterator(train_ds, start)
-        val = [place_batch(b, mesh, batch_size) for b in eval_batches(
-            val_data, seq_len=cfg.data.seq_len, batch_size=batch_size,
-            num_batches=t.eval_batches, eos_id=ids.eos_id, rows=rows, sequence_perm=perm)]
+        if main:  # the run is accepted: only now is its config (re)written
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         model_flops = flops_per_token(ModelConfig.from_config(cfg), cfg.data.seq_len)
         logger = MetricsLogger(workdir, start, t.steps, t.log_every, batch_size * cfg.data.seq_len,
@@ -171,11 +231,20 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
             checkpointer.save(step, state, {**meta, "step": step}, data_iter, force=force)
 
         try:
+            if start < t.steps and sigterm.before_start():
+                logger.info(f"SIGTERM before step {start + 1}: nothing new to save")
+                raise Preempted(f"before step {start + 1}")
+            dropped = DroppedRun(start, int(state["skipped"]))
             for step in range(start, t.steps):
                 state, metrics = training.train_step(state, place_batch(next(data_iter), mesh,
                                                                         batch_size))
                 done = step + 1
                 diverged = t.nonfinite == "stop" and bool(metrics["nonfinite"])  # syncs
+                if not diverged and (done % t.log_every == 0 or done == t.steps):
+                    dropped.update(done, int(metrics["skipped"]))  # fetched by the logger too
+                    if dropped.run >= min(DROPPED_CHECK_STEPS, t.steps - start):
+                        logger.record(done, metrics)
+                        raise all_dropped(dropped.run, done, metrics, cfg)
                 preempted = sigterm.reached(done)
                 stopping = preempted or diverged
                 is_eval = not stopping and (done % t.eval_every == 0 or done == t.steps)
@@ -192,8 +261,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
                 logger.record(done, metrics, eval_loss, paused)
                 if diverged:
                     raise NonFiniteStop(
-                        f"step {done} had a non-finite loss ({float(metrics['loss'])}) or "
-                        f"gradient norm ({float(metrics['grad_norm'])}); its update was dropped "
+                        f"step {done} had a non-finite loss ({float(metrics['loss'])}), "
+                        f"gradient norm ({float(metrics['grad_norm'])}) or update; it was dropped "
                         f"and the last good state is saved as checkpoint {done} (train.nonfinite"
                         "=stop). Lower optim.lr or raise optim.warmup_steps, or set "
                         "train.nonfinite=skip, and rerun to resume after that batch.")
@@ -201,7 +270,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
                     logger.info(f"SIGTERM: saved step {done}" + (
                         f" on all {jax.process_count()} processes" if multi_process else ""))
                     raise Preempted(f"step {done}")
-        except (Preempted, NonFiniteStop):
+        except (Preempted, NonFiniteStop):  # (saved already, or nothing worth saving)
             raise
         except KeyboardInterrupt:
             if multi_process:  # no step that all processes agree on: a save could hang

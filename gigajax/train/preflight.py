@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from gigajax.config import fixed_device_count, validate, warmup_steps
+from gigajax.config.validate import unused_fields
 from gigajax.data.pipeline import check_data
 from gigajax.parallel.checks import check_layout
 
@@ -31,4 +32,4 @@ def notes(cfg: ml_collections.ConfigDict) -> list[str]:
     if warmup_steps(cfg) < cfg.optim.warmup_steps:
         out.append(f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.steps="
                    f"{cfg.train.steps}: warming up over all {cfg.train.steps} steps")
-    return out
+    return out + unused_fields(cfg)

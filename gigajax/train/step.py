@@ -5,7 +5,12 @@ is fixed once (`nnx.split`) and merged inside the step, so `jax.jit` sees only a
 accumulation scans over microbatches of *summed* losses and divides by the total number of
 unmasked tokens once, which makes M microbatches give the same update as one batch of M x.
 A step whose loss or gradient norm is not finite keeps the old parameters and optimizer state
-(the batch is consumed, `skipped` counts it, metric `nonfinite` is 1); the loop's
+(the batch is consumed, `skipped` counts it, metric `nonfinite` is 1). That also covers an
+update that would overflow: a finite gradient norm bounds every squared gradient (so both Adam
+moments, Lion's and Adafactor's statistics stay finite), and the normalised updates of these
+optimizers are a few times `optim.lr` at most, which the config caps at 1. Checking the new
+state itself would hold a second copy of it until the check is done (+223 MiB, 8% of the
+compiled step of configs/small.py at data=8: docs/design.md). The loop's
 `train.nonfinite` policy decides whether training goes on. The optimizer's own counter, which
 drives the LR schedule, counts applied updates, so its LR is schedule(step - skipped).
 """
