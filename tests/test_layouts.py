@@ -33,8 +33,10 @@ from gigajax.train.optim import make_optimizer
 from gigajax.train.state import StateBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
-# H=4 query heads, K=2 KV heads: tensor=2 splits KV heads, tensor=4 replicates them
+# H=4 query heads, K=2 KV heads: tensor=2 splits KV heads, tensor=4 replicates them; with the
+# Qwen options (q/k/v biases, per-head q/k norms), so every layout splits those parameters too
 TEST_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128",
+              "--config.model.qkv_bias=true", "--config.model.qk_norm=true",
               "--config.model.n_layers=2", "--config.data.seq_len=64",
               "--config.data.batch_size=8", "--config.data.max_bytes=300000",
               "--config.attention.block_q=32", "--config.attention.block_kv=32",

@@ -10,6 +10,7 @@ from gigajax.config.load import (
 )
 from gigajax.config.schema import (
     ModelConfig,
+    RopeScaling,
     base_config,
     compute_dtype,
     fixed_device_count,
@@ -18,6 +19,6 @@ from gigajax.config.schema import (
 )
 from gigajax.config.validate import validate
 
-__all__ = ["ModelConfig", "apply_override", "apply_overrides", "base_config", "compute_dtype",
-           "config_from_dict", "fixed_device_count", "head_dim", "load_config", "parse_value",
-           "validate", "warmup_steps"]
+__all__ = ["ModelConfig", "RopeScaling", "apply_override", "apply_overrides", "base_config",
+           "compute_dtype", "config_from_dict", "fixed_device_count", "head_dim", "load_config",
+           "parse_value", "validate", "warmup_steps"]

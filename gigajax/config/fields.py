@@ -143,7 +143,15 @@ FIELDS: dict[str, Field] = {
         0, means="0 is max_seq_len / factor, else the pretraining context"),
     "model.rope_scaling.beta_fast": number(0.0, low_open=True),
     "model.rope_scaling.beta_slow": number(0.0, low_open=True),
+    "model.rope_scaling.truncate": FLAG,
+    "model.rope_scaling.attention_factor": number(0.0, means="0 is derived from the factor"),
+    "model.rope_scaling.mscale": number(0.0, means="0 is unset"),
+    "model.rope_scaling.mscale_all_dim": number(0.0, means="0 is unset"),
+    "model.rope_scaling.low_freq_factor": number(0.0, low_open=True),
+    "model.rope_scaling.high_freq_factor": number(0.0, low_open=True),
     "model.sliding_window": count(0, means="0 is full causal attention"),
+    "model.qkv_bias": FLAG,
+    "model.qk_norm": FLAG,
     "model.tie_embeddings": FLAG,
     "model.norm_eps": number(0.0, low_open=True),
     "model.init_std": number(0.0, low_open=True),
@@ -217,6 +225,7 @@ FIELDS: dict[str, Field] = {
 # data). A field of USED_ONLY is often set by a config file for one choice and then switched on
 # the command line (`--config.optim.name=lion` on a tuned AdamW config, prepared data on
 # configs/tiny.py, which caps the stdlib corpus): the run says in its log that it is unused.
+SCALED = tuple(t for t in ROPE_SCALINGS if t != "none")  # the scalings with a factor
 APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
     "data.path": ("data.source", ("prepared",)),
     "data.mixture": ("data.source", ("prepared",)),
@@ -224,10 +233,16 @@ APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
     "data.passkey.min_key_digits": ("data.source", ("passkey",)),
     "data.passkey.text_weight": ("data.source", ("passkey",)),
     "data.passkey.short_rate": ("data.source", ("passkey",)),
-    "model.rope_scaling.factor": ("model.rope_scaling.type", ("linear", "yarn")),
-    "model.rope_scaling.original_max_seq_len": ("model.rope_scaling.type", ("linear", "yarn")),
+    "model.rope_scaling.factor": ("model.rope_scaling.type", SCALED),
+    "model.rope_scaling.original_max_seq_len": ("model.rope_scaling.type", SCALED),
     "model.rope_scaling.beta_fast": ("model.rope_scaling.type", ("yarn",)),
     "model.rope_scaling.beta_slow": ("model.rope_scaling.type", ("yarn",)),
+    "model.rope_scaling.truncate": ("model.rope_scaling.type", ("yarn",)),
+    "model.rope_scaling.attention_factor": ("model.rope_scaling.type", ("yarn",)),
+    "model.rope_scaling.mscale": ("model.rope_scaling.type", ("yarn",)),
+    "model.rope_scaling.mscale_all_dim": ("model.rope_scaling.type", ("yarn",)),
+    "model.rope_scaling.low_freq_factor": ("model.rope_scaling.type", ("llama3",)),
+    "model.rope_scaling.high_freq_factor": ("model.rope_scaling.type", ("llama3",)),
     "attention.ulysses_degree": ("attention.sp_impl", ("hybrid",)),
     "optim.wsd_decay_fraction": ("optim.schedule", ("wsd",)),
 }

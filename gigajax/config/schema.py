@@ -16,7 +16,8 @@ import math
 import ml_collections
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
-ROPE_SCALINGS = ("none", "linear", "yarn")
+# as `transformers` defines each (modeling_rope_utils.py); model/rope.py says the formulas
+ROPE_SCALINGS = ("none", "linear", "yarn", "llama3", "dynamic")
 REMAT_POLICIES = ("none", "dots", "minimal", "full")  # model/remat.py says what each keeps
 ATTENTION_IMPLS = ("reference", "blockwise", "xla", "cudnn")  # ops/attention.py
 SP_IMPLS = ("ring", "ulysses", "hybrid")  # sequence parallelism over mesh.sequence
@@ -44,10 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
         max_seq_len=1024,
         rope_theta=10_000.0,
         # type: none | linear (position interpolation, Chen et al. 2023) | yarn (Peng et al. 2023)
+        # | llama3 (Llama 3.1) | dynamic (dynamic NTK), each as `transformers` computes it.
         # original_max_seq_len: the context the model was (pre)trained at; 0 = max_seq_len / factor
+        # yarn: beta_fast, beta_slow, truncate (round the correction range), attention_factor
+        # (0: from factor, mscale and mscale_all_dim); llama3: low/high_freq_factor
         rope_scaling=dict(type="none", factor=1.0, original_max_seq_len=0,
-                          beta_fast=32.0, beta_slow=1.0),
+                          beta_fast=32.0, beta_slow=1.0, truncate=True, attention_factor=0.0,
+                          mscale=0.0, mscale_all_dim=0.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0),
         sliding_window=0,  # 0: full causal attention
+        qkv_bias=False,  # biases on the q, k and v projections (Qwen2)
+        qk_norm=False,  # RMSNorm over each head of q and k before RoPE (Qwen3)
         tie_embeddings=False,
         norm_eps=1e-5,
         init_std=0.02,
@@ -95,6 +103,33 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Typed view of `config.model.rope_scaling`, `original_max_seq_len` resolved."""
+
+    type: str = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 0.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> RopeScaling:
+        rs = model_cfg.rope_scaling
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {name: rs[name] for name in fields}
+        values["original_max_seq_len"] = (rs.original_max_seq_len
+                                          or int(model_cfg.max_seq_len / rs.factor))
+        return cls(**{name: (float(v) if fields[name] == "float" else v)
+                      for name, v in values.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Typed, frozen view of `config.model` (+ attention) that the model code reads."""
 
@@ -107,12 +142,10 @@ class ModelConfig:
     mlp_dim: int
     max_seq_len: int
     rope_theta: float
-    rope_scaling: str
-    rope_factor: float
-    rope_original_max_seq_len: int
-    rope_beta_fast: float
-    rope_beta_slow: float
+    rope: RopeScaling
     sliding_window: int
+    qkv_bias: bool
+    qk_norm: bool
     tie_embeddings: bool
     norm_eps: float
     init_std: float
@@ -126,16 +159,13 @@ class ModelConfig:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> ModelConfig:
         """Resolve defaults (head_dim 0, dtype auto, YaRN original length 0) into values."""
-        m, rs = cfg.model, cfg.model.rope_scaling
+        m = cfg.model
         return cls(
             vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, head_dim=head_dim(m), mlp_dim=m.mlp_dim,
             max_seq_len=m.max_seq_len, rope_theta=float(m.rope_theta),
-            rope_scaling=rs.type, rope_factor=float(rs.factor),
-            rope_original_max_seq_len=(rs.original_max_seq_len
-                                       or int(m.max_seq_len / rs.factor)),
-            rope_beta_fast=float(rs.beta_fast), rope_beta_slow=float(rs.beta_slow),
-            sliding_window=m.sliding_window, tie_embeddings=m.tie_embeddings,
+            rope=RopeScaling.from_config(m), sliding_window=m.sliding_window,
+            qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
             norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=compute_dtype(m.dtype),
             scan_layers=m.scan_layers, remat=m.remat, attention_impl=cfg.attention.impl,
             block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv)

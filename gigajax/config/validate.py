@@ -126,6 +126,10 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
             "RoPE needs an even head dimension")
     require(rs.beta_fast > rs.beta_slow, "model.rope_scaling.beta_fast", rs.beta_fast,
             f"YaRN needs beta_fast > beta_slow={rs.beta_slow}")
+    require(rs.high_freq_factor > rs.low_freq_factor, "model.rope_scaling.high_freq_factor",
+            rs.high_freq_factor, f"llama3 needs it > low_freq_factor={rs.low_freq_factor}")
+    require(rs.type != "dynamic" or head_dim(m) > 2, "model.head_dim", head_dim(m),
+            "dynamic NTK scaling needs a head dimension above 2")
 
 
 def _check_data(cfg: ml_collections.ConfigDict) -> None:

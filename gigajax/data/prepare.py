@@ -10,9 +10,9 @@ shards). So the output depends on the inputs and options only, never on --worker
 The manifest is written last and carries a fingerprint of (inputs' paths, sizes, mtimes;
 tokenizer; options), each shard's sha256s and id range, and its own sha256 (`store.py`): a re-run
 whose fingerprint matches and whose shards all have their sizes and sha256s (`verify.py` reads
-them) does nothing. A rebuild writes into `.staging/` and replaces the old dataset only once it is complete
-(old manifest deleted, old shards deleted, new shards moved in, new manifest written), so a
-rebuild that fails leaves the previous dataset as it was.
+them) does nothing. A rebuild writes into `.staging/` and replaces the old dataset only once it
+is complete (old manifest deleted, old shards deleted, new shards moved in, new manifest
+written), so a rebuild that fails leaves the previous dataset as it was.
 """
 
 from __future__ import annotations

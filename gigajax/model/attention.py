@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gigajax.config import ModelConfig
-from gigajax.model.layers import residual_init, weight_init
+from gigajax.model.layers import RMSNorm, residual_init, weight_init
 from gigajax.model.rope import apply_rope
 from gigajax.ops.attention import reference_attention
 from gigajax.parallel.attention import attention_on_mesh
@@ -16,7 +16,8 @@ from gigajax.parallel.shardings import param
 
 
 class Attention(nnx.Module):
-    """Projections q [D,H,E], k/v [D,K,E], o [H,E,D]; RoPE on q and k at global positions."""
+    """Projections q [D,H,E], k/v [D,K,E], o [H,E,D] (optional q/k/v biases and per-head q/k
+    RMSNorms); RoPE on q and k at global positions."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -25,6 +26,14 @@ class Attention(nnx.Module):
         self.wk = param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"))
         self.wv = param(rngs, init, (D, K, E), ("embed", "kv_heads", "head_dim"))
         self.wo = param(rngs, out_init, (H, E, D), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:  # Qwen2
+            zeros = nnx.initializers.zeros
+            self.bq = param(rngs, zeros, (H, E), ("heads", "head_dim"))
+            self.bk = param(rngs, zeros, (K, E), ("kv_heads", "head_dim"))
+            self.bv = param(rngs, zeros, (K, E), ("kv_heads", "head_dim"))
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's E dims of q and k, before RoPE
+            self.q_norm = RMSNorm(E, cfg.norm_eps, rngs=rngs, names=("head_dim",))
+            self.k_norm = RMSNorm(E, cfg.norm_eps, rngs=rngs, names=("head_dim",))
         self.cfg = cfg
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
@@ -44,6 +53,12 @@ class Attention(nnx.Module):
         q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, self.wq[...].astype(dtype))
         k_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wk[...].astype(dtype))
         v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wv[...].astype(dtype))
+        if self.cfg.qkv_bias:
+            q_BTHE = q_BTHE + self.bq[...].astype(dtype)
+            k_BTKE = k_BTKE + self.bk[...].astype(dtype)
+            v_BTKE = v_BTKE + self.bv[...].astype(dtype)
+        if self.cfg.qk_norm:
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
         return apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE), v_BTKE
 
     def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index):

@@ -62,9 +62,9 @@ class Decoder(nnx.Module):
         table_VD = constrain(self.embed[...], ("vocab", "embed"))
         x_BTD = constrain(table_VD[tokens_BT].astype(jnp.dtype(cfg.dtype)),
                           ("batch", "seq", "embed"))
-        inv_freq, mscale = rope_frequencies(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
-            cfg.rope_original_max_seq_len, cfg.rope_beta_fast, cfg.rope_beta_slow)
+        # dynamic NTK scales by the batch's longest position; the others ignore it
+        seq_len = jnp.max(positions_BT) + 1 if cfg.rope.type == "dynamic" else None
+        inv_freq, mscale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope, seq_len)
         return (x_BTD, *rope_cos_sin(positions_BT, inv_freq, mscale))
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:

@@ -35,8 +35,9 @@ class Weight:
 
     @property
     def is_matrix(self) -> bool:
-        """Two or more dims besides `layers`: a projection, the embedding or the head."""
-        return sum(n != "layers" for n in self.names) >= 2
+        """A projection, the embedding or the head: the `embed` dim and another one besides
+        `layers` (biases [H, E] and norms are vectors per layer, not matrices)."""
+        return "embed" in self.names and sum(n != "layers" for n in self.names) >= 2
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,11 +26,13 @@ def residual_init(cfg: ModelConfig) -> Callable:
 class RMSNorm(nnx.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32."""
 
-    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",))
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs,
+                 names: tuple[str, ...] = ("embed",)):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), names)
         self.eps = eps
 
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
+        """Normalise over the last dim (D, or E for per-head q/k norms)."""
         x = x_BTD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * self.scale[...]).astype(x_BTD.dtype)

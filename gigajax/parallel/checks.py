@@ -120,8 +120,8 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
                  n_kv_heads: int) -> None:
     """Fail loudly when a weight matrix is left unsharded on an axis the mesh means to use.
 
-    Matrices (two or more dims besides `layers`) must be split over `fsdp` when it is > 1 under
-    ZeRO-3, and over `tensor` when it is > 1, except KV projections whose heads
+    Matrices (the `embed` dim and another besides `layers`) must be split over `fsdp` when it is
+    > 1 under ZeRO-3, and over `tensor` when it is > 1, except KV projections whose heads
     `kv_heads_on_tensor` replicates. `logical_specs`: the parameters' logical names
     (`shardings.logical_specs`), `shardings` their NamedShardings.
     """
@@ -131,8 +131,8 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
     missing = []
 
     def check(path, names: PartitionSpec, sharding: NamedSharding) -> None:
-        if sum(n not in (None, "layers") for n in names) < 2:
-            return
+        if "embed" not in names or sum(n not in (None, "layers") for n in names) < 2:
+            return  # norms and biases: vectors per layer (the planner counts them replicated)
         used = set(jax.tree.leaves(tuple(sharding.spec)))
         for axis in wanted:
             exempt = axis == "tensor" and "kv_heads" in names and kv_replicated
