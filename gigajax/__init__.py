@@ -1,9 +1,9 @@
 """gigajax: long-context LLaMA-style decoder training in JAX/Flax on named mesh axes.
 
 The public API (`gigajax/api.py`, documented in docs/api.md): `load_config`, `validate`,
-`simulate_cpu_devices`, `train` -> `Run`, `load` -> `LM`, `build_model`, `plan`, `advise`,
-`check_layouts`, `eval_passkey`, and the model class `Decoder`. Errors a user can fix are
-`GigajaxError`s.
+`simulate_cpu_devices`, `train` -> `Run`, `load` -> `LM`, `from_hf`, `to_hf`, `build_model`,
+`plan`, `advise`, `check_layouts`, `eval_passkey`, and the model class `Decoder`. Errors a
+user can fix are `GigajaxError`s.
 
 The names are imported on first use (PEP 562), so `import gigajax.cli` can install its SIGTERM
 handler before JAX is imported, and `simulate_cpu_devices` still runs before JAX starts.
@@ -22,8 +22,9 @@ __version__ = "0.1.0"
 
 _FROM = {"Decoder": "gigajax.model",
          **{name: "gigajax.api" for name in (
-             "LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "load",
-             "load_config", "plan", "simulate_cpu_devices", "train", "validate")}}
+             "LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "from_hf",
+             "load", "load_config", "plan", "simulate_cpu_devices", "to_hf", "train",
+             "validate")}}
 
 __all__ = ["ConfigError", "DataError", "GigajaxError", *sorted(_FROM)]
 

@@ -31,6 +31,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from rich.console import Console
 
+from gigajax.checkpoint import convert
+from gigajax.checkpoint.params import saved_config
 from gigajax.config import apply_overrides, fixed_device_count
 from gigajax.config import load_config as _load_config
 from gigajax.data.pipeline import data_tokenizer
@@ -54,15 +56,18 @@ from gigajax.train.preflight import preflight
 from gigajax.train.state import layout_for
 from gigajax.train.workdir import check_workdir
 
-__all__ = ["LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "load",
-           "load_config", "plan", "simulate_cpu_devices", "train", "validate"]
+__all__ = ["LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "from_hf",
+           "load", "load_config", "plan", "simulate_cpu_devices", "to_hf", "train", "validate"]
 
 ConfigLike = str | Path | Mapping[str, Any] | ml_collections.ConfigDict
 
 
 def load_config(source: ConfigLike, *overrides: str, **named: Any) -> ml_collections.ConfigDict:
-    """A validated config from a file (`get_config()`), a dict or a ConfigDict, with overrides
-    as `"a.b=v"` strings and/or `**{"a.b": value}` (missing fields keep their defaults)."""
+    """A validated config from a file (`get_config()`), a dict or a ConfigDict, or a directory
+    that holds one (a workdir, a params checkpoint, a Hugging Face model), with overrides as
+    `"a.b=v"` strings and/or `**{"a.b": value}` (missing fields keep their defaults)."""
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        source = saved_config(source)
     cfg = _load_config(source, list(overrides))
     apply_overrides(cfg, named)
     validate(cfg)
@@ -212,9 +217,28 @@ class LM:
         return self.tokenizer.decode(out) if isinstance(prompt, str) else out
 
 
+def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str = "float32",
+            overwrite: bool = False, ignore: Sequence[str] = ()) -> dict[str, Any]:
+    """Convert a Hugging Face model directory (LLaMA, Mistral, Qwen2, Qwen3; config.json,
+    safetensors, tokenizer) into a gigajax params checkpoint at `out`, what `gigajax convert
+    from-hf` does; `load`, `--config` and `train.init_from` take the result (or `hf_dir`
+    itself). `ignore`: config.json fields to accept that gigajax does not know. Returns what
+    was written."""
+    return convert.from_hf(hf_dir, out, dtype, overwrite, ignore)
+
+
+def to_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "bfloat16",
+          max_shard_size: str | int = "5GB", overwrite: bool = False,
+          step: int | None = None) -> dict[str, Any]:
+    """Write a checkpoint (workdir, step or params directory) as a Hugging Face model directory
+    that `transformers` loads with no gigajax code, what `gigajax convert to-hf` does."""
+    return convert.to_hf(checkpoint, out, dtype, max_shard_size, overwrite, step)
+
+
 def load(checkpoint: str | Path, *overrides: str, step: int | None = None, **named: Any) -> LM:
     """The model of a checkpoint: a training workdir (its latest step, or `step`), a step
-    directory or a params checkpoint (`gigajax ckpt export`). Overrides (`"a.b=v"` or
+    directory, a params checkpoint (`gigajax ckpt export`, `convert from-hf`) or a Hugging Face
+    model directory. Overrides (`"a.b=v"` or
     `**{"a.b": v}`) change how the model runs (RoPE scaling, dtype), never its shapes."""
     trained = load_trained(checkpoint, list(overrides), step, named)
     model = _model_around(trained.params, trained.config)

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gigajax.checkpoint.hf import hf_model_config, hf_params
 from gigajax.checkpoint.manager import (
     ALLOW_UNVERIFIED,
     CorruptCheckpoint,
@@ -39,6 +40,8 @@ from gigajax.checkpoint.manager import (
     tree_shapes,
     write_checksums,
 )
+from gigajax.config import ModelConfig
+from gigajax.config.hf import is_hf_dir
 from gigajax.errors import GigajaxError
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -165,13 +168,22 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
                 require_checksums: bool = True, log: Callable[[str], None] = to_stderr,
                 allow_hint: str = ALLOW_UNVERIFIED) -> Params:
     """The params of `checkpoint`: a training workdir (its latest step, or `step`), its
-    `checkpoints/` directory, one step directory, or a params checkpoint (`export`, `average`),
-    checked against its checksums (`check_files`). `flag` names the setting in error messages."""
+    `checkpoints/` directory, one step directory, or a params checkpoint (`export`, `average`,
+    `convert from-hf`), checked against its checksums (`check_files`); or a Hugging Face model
+    directory (config.json + safetensors), whose params are lazy `HFTensor`s that read only
+    the slices asked for. `flag` names the setting in error messages."""
     integrity = {"require_checksums": require_checksums, "log": log, "allow_hint": allow_hint}
     path = Path(checkpoint).absolute()
     if not path.exists():
         raise GigajaxError(f"{flag} {checkpoint} does not exist: pass a training workdir (the "
                            "--workdir of `gigajax train`) or a checkpoint directory in it.")
+    if is_hf_dir(path):  # read lazily, slice by slice, from its safetensors
+        if step is not None:
+            raise GigajaxError(f"--step {step}: {path} is a Hugging Face model directory, which "
+                               "holds one set of params; leave --step out.")
+        cfg = hf_model_config(path)
+        return Params(hf_params(path, ModelConfig.from_config(cfg)), cfg.to_dict(), None, path,
+                      None)
     workdir = workdir_of(path)
     verified = (path / "checkpoints").is_dir() or path.name == "checkpoints"
     if verified:  # a workdir or its checkpoints/: step_directory picks and checks the step
@@ -263,3 +275,22 @@ def _report(written: dict, start: float) -> dict:
     print(f"wrote {written['path']}: {written['num_params'] / 1e6:.2f}M parameters "
           f"({written['dtype']}), {written['megabytes']:.1f} MB, {written['seconds']:.1f} s")
     return written
+
+
+def saved_config(directory: str | Path) -> dict:
+    """The config a directory holds, without reading its params: a Hugging Face model's
+    (config.json mapped), a params checkpoint's or step directory's (its meta), a workdir's
+    (config.json). For `--config DIR`."""
+    path = Path(directory).absolute()
+    if is_hf_dir(path):
+        return hf_model_config(path).to_dict()
+    if _is_params_dir(path) or _is_step_dir(path):
+        config = _read_json(path / "meta").get("config")
+        if config is not None:
+            return config
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    raise GigajaxError(f"{directory} holds no config: pass a config file, a training workdir, a "
+                       "params checkpoint (gigajax convert from-hf, ckpt export) or a Hugging "
+                       "Face model directory.")
+

@@ -1,4 +1,4 @@
-"""`gigajax` command line: train, check-layouts, plan, data, ckpt, eval.
+"""`gigajax` command line: train, check-layouts, plan, data, ckpt, convert, eval.
 
 `gigajax train --config FILE --workdir DIR [--config.a.b=v ...]` trains or resumes;
 `gigajax check-layouts --config FILE --layouts "data=8;fsdp=8"` compares layouts with one device;
@@ -20,10 +20,10 @@ signals.install_early()
 import argparse  # noqa: E402  (after the SIGTERM handler: these imports take seconds)
 import sys  # noqa: E402
 
-from gigajax.cli import ckpt, data, evaluate, layouts, plan, train  # noqa: E402
+from gigajax.cli import ckpt, convert, data, evaluate, layouts, plan, train  # noqa: E402
 from gigajax.errors import GigajaxError  # noqa: E402
 
-COMMANDS = (train, layouts, plan, data, ckpt, evaluate)
+COMMANDS = (train, layouts, plan, data, ckpt, convert, evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 its run's config with overrides on top.
 
 `--checkpoint` may name a training workdir, its `checkpoints/` directory (the latest step, or
-`step`), one step directory, or a params checkpoint written by `gigajax ckpt export|average`.
+`step`), one step directory, a params checkpoint written by `gigajax ckpt export|average` or
+`convert from-hf`, or a Hugging Face model directory (config.json + safetensors).
 Only the `params` subtree is read (`checkpoint/params.py`: no optimizer state, no mesh). The
 config is the one saved with the checkpoint (its `meta`), else the workdir's `config.json`;
 overrides such as `--config.model.rope_scaling.type=yarn` change the model built around the
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from gigajax.checkpoint.manager import shape_mismatch, tree_shapes
@@ -50,7 +52,8 @@ def load_trained(checkpoint: str | Path, overrides: list[str] = (), step: int | 
                            "config.json beside it): cannot tell which model the params are.")
     cfg = config_with_overrides(found.config, overrides, named)
     device = jax.devices()[0]
-    params = jax.tree.map(lambda x: jax.device_put(x, device), found.params)
+    # np.asarray: a Hugging Face directory's params are lazy HFTensors, read here
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), device), found.params)
     return Trained(params, cfg, found.config, found.step, found.path, found.workdir)
 
 

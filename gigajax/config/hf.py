@@ -1,0 +1,266 @@
+"""Hugging Face `config.json` <-> gigajax config, for the LLaMA family: LLaMA 2/3/3.1/3.2,
+Mistral, Qwen2/2.5 and Qwen3.
+
+Every field of an HF config is mapped (`MAPPED`), known to leave the math alone (`HARMLESS`), or
+refused with a ConfigError naming it (an unknown activation, biases gigajax lacks, a RoPE type it
+does not compute, ...). A field nobody has classified is refused too: the caller may accept it by
+name (`ignore`) after checking that it changes nothing. RoPE settings are read from transformers
+5's `rope_parameters` or from the older `rope_theta` + `rope_scaling` spelling.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from gigajax.config.schema import base_config, head_dim
+from gigajax.errors import ConfigError
+
+# architecture -> (model_type, what the model needs beyond LLaMA)
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+          "rms_norm_eps", "tie_word_embeddings", "initializer_range", "rope_theta",
+          "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
+          "max_window_layers", "layer_types", "hidden_act", "attention_bias", "mlp_bias",
+          "attention_dropout", "architectures", "model_type", "partial_rotary_factor")
+# fields that do not change the forward pass (token ids, bookkeeping, generation defaults)
+HARMLESS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+            "transformers_version", "use_cache", "pretraining_tp", "_name_or_path",
+            "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+            "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+            "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+            "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",
+            "task_specific_params", "finetuning_task", "sep_token_id", "decoder_start_token_id",
+            "bad_words_ids", "num_return_sequences", "max_length", "min_length",
+            "do_sample", "early_stopping", "num_beams", "temperature", "top_k", "top_p",
+            "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+            "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+            "forced_eos_token_id", "remove_invalid_values", "typical_p", "diversity_penalty",
+            "num_beam_groups", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+            "suppress_tokens", "begin_suppress_tokens", "cross_attention_hidden_size",
+            "quantization_config_ignore", "keys_to_ignore_at_inference", "base_model_tp_plan",
+            "base_model_pp_plan", "attn_implementation")
+ROPE_KEYS = {  # rope_type -> the keys of its parameters we read (others are refused)
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+             "attention_factor", "mscale", "mscale_all_dim"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """`HF_DIR/config.json` as a dict (ConfigError naming the file when it is missing or bad)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{hf_dir} is not a Hugging Face model directory: it has no "
+                          "config.json (save one with `model.save_pretrained(DIR)`).")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} holds {type(values).__name__}, not a JSON object.")
+    return values
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether `path` looks like a Hugging Face model directory (config.json + safetensors)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def architecture(hf: Mapping[str, Any], where: str) -> str:
+    """The one supported `architectures` entry of an HF config."""
+    names = hf.get("architectures") or []
+    supported = [n for n in names if n in ARCHITECTURES]
+    if len(names) != 1 or not supported:
+        raise ConfigError(f"{where}: architectures={names!r} is not supported; gigajax reads "
+                          f"{', '.join(ARCHITECTURES)}.")
+    return supported[0]
+
+
+def from_hf_config(hf: Mapping[str, Any], where: str = "config.json",
+                   ignore: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """The gigajax config (base_config() with the model section filled in) of an HF config;
+    ConfigError naming the field for anything gigajax would compute differently."""
+    arch = architecture(hf, where)
+    family = ARCHITECTURES[arch]
+    unknown = sorted(set(hf) - set(MAPPED) - set(HARMLESS) - set(ignore))
+    if unknown:
+        raise ConfigError(f"{where}: field {unknown[0]!r} is not one gigajax maps or knows to be "
+                          "harmless" + (f" (also: {', '.join(unknown[1:])})" if unknown[1:] else "")
+                          + ". If it does not change the model's math, accept it with "
+                          f"--ignore-field {unknown[0]} (ignore=[...] from Python).")
+
+    def refuse(field: str, why: str) -> None:
+        raise ConfigError(f"{where}: {field}={hf.get(field)!r} is not supported: {why}.")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "gigajax's MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        refuse("mlp_bias", "gigajax's MLP has no biases")
+    if hf.get("attention_bias"):  # Llama / Qwen3: biases on q, k, v *and* o
+        refuse("attention_bias", "it adds a bias to o_proj too, which gigajax lacks (only "
+               "Qwen2's q/k/v biases are supported)")
+    if hf.get("attention_dropout"):
+        refuse("attention_dropout", "gigajax has no attention dropout; set it to 0.0")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", "gigajax rotates the whole head dimension")
+    cfg = base_config()
+    m = cfg.model
+    heads = int(hf["num_attention_heads"])
+    m.update(vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
+             n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
+             n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+             head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+             mlp_dim=int(hf["intermediate_size"]),
+             max_seq_len=int(hf.get("max_position_embeddings") or 2048),
+             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+             init_std=float(hf.get("initializer_range", 0.02)),
+             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+             qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+             sliding_window=_sliding_window(hf, family, refuse))
+    _read_rope(hf, m, where)
+    cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
+    return cfg
+
+
+def _sliding_window(hf: Mapping[str, Any], family: str, refuse) -> int:
+    """The window of every layer (0: none); mixed full and sliding layers are refused."""
+    window = int(hf.get("sliding_window") or 0)
+    if family == "mistral":
+        return window
+    if family in ("qwen2", "qwen3"):
+        layer_types = hf.get("layer_types") or []
+        if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
+            if layer_types and set(layer_types) == {"sliding_attention"}:
+                return window
+            refuse("use_sliding_window", "sliding windows on some layers only "
+                   "(max_window_layers / layer_types): gigajax uses one window for all layers")
+        return 0
+    if window or hf.get("layer_types") and set(hf["layer_types"]) != {"full_attention"}:
+        refuse("sliding_window", f"{family} has no sliding window")
+    return 0
+
+
+def _rope_parameters(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """RoPE settings in transformers 5's form: `rope_parameters`, else `rope_theta` plus the
+    legacy `rope_scaling` (with `type` or `rope_type`)."""
+    if isinstance(hf.get("rope_parameters"), Mapping):
+        params = dict(hf["rope_parameters"])
+        if any(isinstance(v, Mapping) for v in params.values()):
+            raise ConfigError(f"{where}: rope_parameters per layer type is not supported: "
+                              "gigajax uses one RoPE for all layers.")
+    else:
+        params = dict(hf.get("rope_scaling") or {})
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params.pop("type")
+        params.pop("type", None)
+    params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def _read_rope(hf: Mapping[str, Any], m: ml_collections.ConfigDict, where: str) -> None:
+    params = _rope_parameters(hf, where)
+    kind = params.pop("rope_type")
+    m.rope_theta = float(params.pop("rope_theta"))
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"{where}: rope_type={kind!r} is not supported; gigajax computes "
+                          f"{', '.join(ROPE_KEYS)} as transformers does.")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor is not supported: gigajax rotates "
+                          "the whole head dimension.")
+    extra = sorted(k for k, v in params.items() if k not in ROPE_KEYS[kind] and v is not None)
+    if extra:
+        raise ConfigError(f"{where}: rope parameter {extra[0]!r} is not used by rope_type="
+                          f"{kind!r} as gigajax computes it; remove it or use a type that "
+                          "reads it.")
+    rs = m.rope_scaling
+    if kind == "default":
+        return
+    rs.type = {"default": "none"}.get(kind, kind)
+    original = params.get("original_max_position_embeddings") or m.max_seq_len
+    factor = params.get("factor")
+    if factor is None and kind == "yarn":  # as transformers: the ratio of the two contexts
+        factor = m.max_seq_len / original
+    rs.factor = float(factor)
+    rs.original_max_seq_len = int(original)
+    for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                "low_freq_factor", "high_freq_factor"):
+        if params.get(key) is not None:
+            rs[key] = float(params[key])
+    if params.get("truncate") is not None:
+        rs.truncate = bool(params["truncate"])
+
+
+def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
+                 token_ids: Mapping[str, int | None]) -> dict[str, Any]:
+    """The HF config.json of a gigajax model: LLaMA, or Mistral with a sliding window, Qwen2 with
+    q/k/v biases, Qwen3 with q/k norms. RoPE is written in both spellings (transformers 5's
+    `rope_parameters`, and `rope_theta` + `rope_scaling` for 4.x)."""
+    m = cfg.model
+    family = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else (
+        "mistral" if m.sliding_window else "llama")
+    if m.qk_norm and m.qkv_bias:
+        raise ConfigError("model.qkv_bias and model.qk_norm together match no Hugging Face "
+                          "family (Qwen2 has biases, Qwen3 has norms): cannot export.")
+    arch = next(a for a, f in ARCHITECTURES.items() if f == family)
+    rope, max_positions = _rope_out(m)
+    hf: dict[str, Any] = {
+        "architectures": [arch], "model_type": family, "hidden_size": m.d_model,
+        "intermediate_size": m.mlp_dim, "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+        "head_dim": head_dim(m), "vocab_size": m.vocab_size,
+        "max_position_embeddings": max_positions, "rms_norm_eps": m.norm_eps,
+        "initializer_range": m.init_std, "tie_word_embeddings": m.tie_embeddings,
+        "hidden_act": "silu", "attention_dropout": 0.0, "rope_parameters": rope,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": None if rope["rope_type"] == "default" else
+        {k: v for k, v in rope.items() if k != "rope_theta"},
+        "dtype": dtype, "use_cache": True, **token_ids,
+    }
+    if family in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if family == "llama":
+        hf["mlp_bias"] = False
+    if family == "mistral":
+        hf["sliding_window"] = m.sliding_window
+    if family in ("qwen2", "qwen3"):
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def _rope_out(m: ml_collections.ConfigDict) -> tuple[dict[str, Any], int]:
+    """(rope_parameters, max_position_embeddings) of a gigajax model section."""
+    rs = m.rope_scaling
+    original = rs.original_max_seq_len or int(m.max_seq_len / rs.factor)
+    rope: dict[str, Any] = {"rope_type": "default" if rs.type == "none" else rs.type,
+                            "rope_theta": m.rope_theta}
+    if rs.type == "none":
+        return rope, m.max_seq_len
+    rope["factor"] = rs.factor
+    if rs.type == "linear":
+        return rope, m.max_seq_len
+    if rs.type == "dynamic":  # transformers scales from max_position_embeddings on
+        return rope, original
+    rope["original_max_position_embeddings"] = original
+    if rs.type == "llama3":
+        rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+        return rope, m.max_seq_len
+    rope.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rs[key]:
+            rope[key] = rs[key]
+    return rope, m.max_seq_len
