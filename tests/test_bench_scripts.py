@@ -153,3 +153,14 @@ def test_bench_attention_rejects_unknown_impl():
     bench = load_script("bench_attention")
     with pytest.raises(SystemExit):
         bench.parse_args(["--impls", "reference,flash3"])
+
+
+def test_hf_parity_table_rows_and_worst_difference(tmp_path):
+    parity = load_script("hf_parity")
+    out = tmp_path / "parity.json"
+    assert parity.main(["--fixtures", "qwen3,llama_yarn", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["fixture"] for r in result["rows"]] == ["qwen3", "llama_yarn"]
+    differences = [r[layout] for r in result["rows"] for layout in parity.LAYOUTS]
+    assert result["worst"] == max(differences) <= 1e-4
+    assert len(list(csv.DictReader(open(out.with_suffix(".csv"))))) == 2

@@ -27,7 +27,7 @@ def test_auto_dtype_is_float32_on_cpu_and_yarn_defaults_to_the_pretraining_lengt
                              "--config.model.rope_scaling.factor=4"])
     model = ModelConfig.from_config(cfg)
     assert model.dtype == "float32"
-    assert model.rope_original_max_seq_len == cfg.model.max_seq_len // 4
+    assert model.rope.original_max_seq_len == cfg.model.max_seq_len // 4
 
 
 def test_overrides_are_typed():

@@ -329,7 +329,7 @@ def test_the_model_is_the_checkpoint_whichever_directory_names_it(trained_run, t
     yarn = load_trained(trained_run, ["--config.model.rope_scaling.type=yarn",
                                       "--config.model.rope_scaling.factor=2"])
     model = build_model(yarn.params, yarn.config)
-    assert model.cfg.rope_scaling == "yarn" and model.cfg.rope_factor == 2.0
+    assert model.cfg.rope.type == "yarn" and model.cfg.rope.factor == 2.0
     np.testing.assert_array_equal(model.embed[...], loaded[0].params["embed"])
 
 

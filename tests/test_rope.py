@@ -110,3 +110,10 @@ def test_dynamic_ntk_changes_nothing_within_the_original_context_and_grows_theta
     expected = 1.0 / grown_theta ** (np.arange(0, E, 2) / E)
     np.testing.assert_allclose(beyond, expected, rtol=1e-5)
     assert beyond[0] == plain[0] and np.all(beyond[1:] < plain[1:])
+
+
+def test_every_scaling_has_a_title_in_the_passkey_heatmaps():
+    from gigajax.config.schema import ROPE_SCALINGS
+    from gigajax.eval.benchmark import TITLES
+
+    assert set(TITLES) == set(ROPE_SCALINGS)

@@ -145,28 +145,25 @@ class HFTensor:
         self.shape = ((n_layers,) if spec.layer else ()) + spec.our_shape
         self.dtype = dtype
         self.bytes_read = 0
-        self._last: tuple[tuple, np.ndarray] | None = None  # replicated shards ask again
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def size_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        x = self[...]
-        return x if dtype is None else x.astype(dtype)
+        x = self[...]  # a new array: no second copy when the dtype already matches
+        return x if dtype is None else x.astype(dtype, copy=False)
 
     def __getitem__(self, index: Any) -> np.ndarray:
         slices = _slices(index, self.shape)
-        key = tuple((s.start, s.stop) for s in slices)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
         if not self.spec.layer:
-            x = self._read(self.spec.hf, slices)
-        else:
-            layers = range(*slices[0].indices(self.n_layers))
-            x = np.stack([self._read(self.spec.hf.format(i=i), slices[1:]) for i in layers])
-        self._last = (key, x)
-        return x
+            return self._read(self.spec.hf, slices)
+        layers = range(*slices[0].indices(self.n_layers))
+        return np.stack([self._read(self.spec.hf.format(i=i), slices[1:]) for i in layers])
 
     def _read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
         """Our slice `slices` of one HF tensor: the covering rows x columns read from the file,
@@ -275,7 +272,7 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tupl
     for spec in tensor_table(cfg):
         ours = _leaf(params, spec.ours)
         for i in range(cfg.n_layers) if spec.layer else [None]:
-            part = ours[i] if spec.layer else ours
+            part = ours[i:i + 1][0] if spec.layer else ours  # (an HFTensor takes slices only)
             yield spec.hf.format(i=i), (lambda s=spec, p=part: s.to_hf(np.asarray(p, dtype)))
 
 

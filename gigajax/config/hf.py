@@ -62,6 +62,9 @@ ROPE_KEYS = {  # rope_type -> the keys of its parameters we read (others are ref
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """`HF_DIR/config.json` as a dict (ConfigError naming the file when it is missing or bad)."""
     path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise ConfigError(f"{hf_dir} does not exist or is not a directory: pass a Hugging Face "
+                          "model directory (config.json and *.safetensors).")
     if not path.is_file():
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory: it has no "
                           "config.json (save one with `model.save_pretrained(DIR)`).")

@@ -3,7 +3,8 @@ or more RoPE scalings; results as JSON, a heatmap PNG (one panel per scaling) an
 
 Answers come from greedy decoding with a KV cache (`infer/generate.py`), the samples of one grid
 cell as a batch, on one device. A RoPE scaling is applied at evaluation time only (no fine-tuning):
-`linear` is position interpolation (Chen et al. 2023), `yarn` is YaRN (Peng et al. 2023), with
+`linear` is position interpolation (Chen et al. 2023), `yarn` is YaRN (Peng et al. 2023),
+`llama3` and `dynamic` (NTK) as transformers computes them (`model/rope.py`), with
 `factor` either fixed or, with `auto`, chosen per length as length / trained context (at least
 1, so the trained length is always scored with the model as trained). The trained context is the
 config's `model.rope_scaling.original_max_seq_len`, or the run's `data.seq_len` when that is 0
@@ -30,7 +31,8 @@ from gigajax.eval import passkey
 from gigajax.infer.generate import generate_batch
 from gigajax.infer.loading import Trained, build_model, trained_context
 
-TITLES = {"none": "RoPE as trained", "linear": "PI (linear)", "yarn": "YaRN"}
+TITLES = {"none": "RoPE as trained", "linear": "PI (linear)", "yarn": "YaRN", "llama3": "Llama 3",
+          "dynamic": "dynamic NTK"}
 
 
 @dataclasses.dataclass(frozen=True)

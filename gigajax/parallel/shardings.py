@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -95,6 +96,24 @@ def abstract_model(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.
 def init_sharded(create: Callable[[], nnx.Module], shardings: Any) -> nnx.State:
     """Create a model's parameters with each one built directly in its sharding."""
     return jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+
+
+def place_shards(value: Any, want: jax.ShapeDtypeStruct) -> jax.Array:
+    """`value` (a host array, or anything sliced by `value[index]`, like a lazy HF tensor) as an
+    array of `want`'s shape, dtype and sharding, one local slice at a time: each distinct slice
+    is read once, cast, put on its devices and waited for before the next is read, so the host
+    holds one slice, not this process's whole part of the array (which
+    `make_array_from_callback` builds before it transfers any)."""
+    devices_by_slice: dict[tuple, tuple[tuple, list]] = {}
+    for device, index in want.sharding.addressable_devices_indices_map(want.shape).items():
+        key = tuple((s.start, s.stop, s.step) for s in index)  # slices hash from Python 3.12
+        devices_by_slice.setdefault(key, (index, []))[1].append(device)
+    shards = []
+    for index, devices in devices_by_slice.values():
+        host = np.asarray(value[index], want.dtype)
+        shards += [jax.block_until_ready(jax.device_put(host, d)) for d in devices]
+        del host
+    return jax.make_array_from_single_device_arrays(want.shape, want.sharding, shards)
 
 
 _ACTIVATION_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(

@@ -204,6 +204,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
         except BaseException:
             checkpointer.close()  # no Orbax thread left behind a refused resume
             raise
+        found = None  # init_from's host copy (or lazy HF reader) is not needed once placed
         start = int(state["step"])
         if (position := iterator_step(data_iter)) != start:  # no data state in the checkpoint
             notes.append(f"the data iterator is at batch {position}, the state at step {start}: "

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -32,6 +31,7 @@ from gigajax.parallel.shardings import (
     logical_specs,
     optimizer_shardings,
     param_shardings,
+    place_shards,
 )
 
 TrainState = dict[str, Any]
@@ -85,13 +85,9 @@ class StateBuilder:
                                f"{problem}. train.init_from may change how the model runs (RoPE "
                                "scaling, max_seq_len, dtype, attention), not its sizes.")
 
-        def place(want: jax.ShapeDtypeStruct, value: np.ndarray) -> jax.Array:
-            # each process casts and puts only its own shards (no second full copy on a host)
-            return jax.make_array_from_callback(
-                want.shape, want.sharding, lambda i: np.asarray(value[i], want.dtype))
-
+        # each process reads, casts and puts only its own shards, one slice at a time
         params = jax.tree.map(lambda x: x, abstract)  # a copy of the State to fill
-        nnx.replace_by_pure_dict(params, jax.tree.map(place, wanted, pure))
+        nnx.replace_by_pure_dict(params, jax.tree.map(place_shards, pure, wanted))
         return self._start(params)
 
     def _start(self, params: nnx.State) -> TrainState:

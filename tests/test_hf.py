@@ -1,0 +1,379 @@
+"""Hugging Face import and export: logits equal to transformers' own (fp32, 1e-4 absolute) on the
+committed fixtures (tests/fixtures/make_hf_fixtures.py made them with transformers: each family
+and RoPE scaling, 64 tokens against an original context of 32), on one device and under a ring
+and a Ulysses layout; export is the identity on every tensor; bad input is a one-line error.
+
+The fixtures' weights are sharp (logit std 2.5-3): the fixture script checks that dropping any
+feature a fixture covers moves its logits by more than 1e-2, and a control here proves that a
+wrong tensor mapping fails the 1e-4 test.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file, save_file
+from support import subprocess_env
+
+import gigajax
+from gigajax.checkpoint import convert, hf
+from gigajax.checkpoint.params import read_params
+from gigajax.config import ModelConfig
+from gigajax.config.hf import from_hf_config
+from gigajax.errors import ConfigError, GigajaxError
+from gigajax.eval.logits import logits_under_layout
+from gigajax.parallel.mesh import make_mesh
+from gigajax.train.state import StateBuilder, layout_for
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
+NAMES = sorted(json.loads((FIXTURES / "fixtures.json").read_text())["fixtures"])
+LOGIT_ATOL = 1e-4  # fp32
+FP32 = {"model.dtype": "float32", "attention.block_q": 16, "attention.block_kv": 16}
+LAYOUTS = {"one device": {},
+           "zigzag ring over 4": {"mesh.sequence": 4, "attention.layout": "zigzag"},
+           "ulysses over 2": {"mesh.sequence": 2, "attention.sp_impl": "ulysses"}}
+
+
+def reference(name: str) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.load(FIXTURES / name / "reference.npz")
+    return ref["input_ids"].astype(np.int32), ref["logits"]
+
+
+def hf_config(name: str) -> dict:
+    return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_imported_logits_equal_transformers_on_one_device(name):
+    tokens, expected = reference(name)
+    lm = gigajax.load(FIXTURES / name, "model.dtype=float32")
+    assert np.abs(lm.logits(tokens) - expected).max() <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "one device"])
+@pytest.mark.parametrize("name", ["llama_yarn", "llama3", "llama_dynamic", "mistral", "qwen2",
+                                  "qwen3", "llama32_tied"])
+def test_imported_logits_equal_transformers_under_sequence_parallel_layouts(name, layout):
+    """Each scaling, the sliding window, biases, q/k norms and tied embeddings, streamed into
+    the layout's shardings, at positions 32..63 beyond the original context as well."""
+    tokens, expected = reference(name)
+    logits = logits_under_layout(FIXTURES / name, tokens, {**FP32, **LAYOUTS[layout]})
+    assert np.abs(logits - expected).max() <= LOGIT_ATOL
+    assert np.abs(logits[:, 32:] - expected[:, 32:]).max() <= LOGIT_ATOL
+
+
+def test_a_wrong_tensor_mapping_fails_the_parity_test(monkeypatch):
+    """Control: the same test with k and v swapped (same shapes) is far outside tolerance."""
+    tokens, expected = reference("llama")
+    table = hf.tensor_table
+
+    def swapped(cfg):
+        rows = table(cfg)
+        names = {r.ours: r.hf for r in rows}
+        k, v = ("blocks", "attn", "wk"), ("blocks", "attn", "wv")
+        return [type(r)(r.ours, names[v] if r.ours == k else names[k] if r.ours == v else r.hf,
+                        r.rows, r.cols, r.transpose, r.layer) for r in rows]
+
+    monkeypatch.setattr(hf, "tensor_table", swapped)
+    lm = gigajax.load(FIXTURES / "llama", "model.dtype=float32")
+    assert np.abs(lm.logits(tokens) - expected).max() > 1e-2
+
+
+def test_a_wrong_rope_scaling_fails_the_parity_test():
+    """Control: the YaRN fixture run with plain RoPE (or with the factor off) does not match."""
+    tokens, expected = reference("llama_yarn")
+    for overrides in (["model.rope_scaling.type=none", "model.rope_scaling.factor=1.0",
+                       "model.rope_scaling.original_max_seq_len=0"],
+                      ["model.rope_scaling.factor=2.0"]):
+        lm = gigajax.load(FIXTURES / "llama_yarn", "model.dtype=float32", *overrides)
+        assert np.abs(lm.logits(tokens) - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama_sharded", "qwen2", "qwen3", "llama32_tied",
+                                  "llama_yarn_notruncate", "llama_legacy_spelling", "mistral"])
+def test_import_then_export_is_the_identity_on_every_tensor(name, tmp_path):
+    converted, exported = tmp_path / "gigajax", tmp_path / "hf"
+    gigajax.from_hf(FIXTURES / name, converted)
+    gigajax.to_hf(converted, exported, dtype="float32", max_shard_size="100KB")
+    source, written = safetensors_of(FIXTURES / name), safetensors_of(exported)
+    assert sorted(written) == sorted(source)
+    for key, value in source.items():
+        assert written[key].dtype == value.dtype and np.array_equal(written[key], value), key
+    assert (exported / "tokenizer.json").read_bytes() == (
+        FIXTURES / name / "tokenizer.json").read_bytes()
+    index = json.loads((exported / hf.INDEX).read_text())  # 100KB shards: several files
+    assert len(set(index["weight_map"].values())) > 1
+    # the exported config.json reads back as the same gigajax model
+    again = from_hf_config(json.loads((exported / "config.json").read_text())).model.to_dict()
+    assert again == from_hf_config(hf_config(name)).model.to_dict()
+
+
+def test_an_hf_directory_exports_to_itself(tmp_path):
+    """to_hf reads an HF directory lazily, layer by layer, and writes the same tensors."""
+    gigajax.to_hf(FIXTURES / "llama_sharded", tmp_path / "hf", dtype="float32")
+    source, written = safetensors_of(FIXTURES / "llama_sharded"), safetensors_of(tmp_path / "hf")
+    assert sorted(written) == sorted(source)
+    assert all(np.array_equal(written[k], v) for k, v in source.items())
+    assert not (tmp_path / "hf" / hf.INDEX).exists()  # 5GB shards: one file
+
+
+def safetensors_of(directory: Path) -> dict[str, np.ndarray]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def test_converted_checkpoint_is_a_config_a_load_and_an_init_from(tmp_path):
+    converted = tmp_path / "gigajax"
+    written = gigajax.from_hf(FIXTURES / "qwen2", converted)
+    assert written["num_params"] == sum(v.size for v in safetensors_of(FIXTURES / "qwen2")
+                                        .values())
+    tokens, expected = reference("qwen2")
+    assert np.abs(gigajax.load(converted).logits(tokens) - expected).max() <= LOGIT_ATOL
+    cfg = gigajax.load_config(converted)  # --config DIR
+    assert cfg.model.qkv_bias and cfg.model.rope_scaling.type == "yarn"
+    assert cfg.data.tokenizer == str(converted / "tokenizer" / "tokenizer.json")
+    assert gigajax.load_config(FIXTURES / "qwen2").model.to_dict() == cfg.model.to_dict()
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("source", ["hf_dir", "converted"])
+def test_train_init_from_an_hf_directory_starts_from_its_params(source, tmp_path):
+    """`--config HF_DIR --config.train.init_from=HF_DIR` (or the converted checkpoint) trains on
+    a layout (fsdp=2, each device reading its own shards), starting from the imported params:
+    at a learning rate of 1e-9 they are still the HF tensors after two steps."""
+    init = FIXTURES / "llama"
+    if source == "converted":
+        init = tmp_path / "gigajax"
+        gigajax.from_hf(FIXTURES / "llama", init)
+    cfg = gigajax.load_config(init, f"train.init_from={init}", "train.steps=2",
+                              "train.log_every=1", "train.eval_every=1000",
+                              "train.checkpoint_every=2", "data.batch_size=8",
+                              "data.max_bytes=20000", "mesh.data=4", "mesh.fsdp=2", "optim.lr=1e-9",
+                              "optim.warmup_steps=1", "model.dtype=float32",
+                              "attention.block_q=16", "attention.block_kv=16")
+    run = gigajax.train(cfg, tmp_path / "run", progress=False)
+    final = read_params(tmp_path / "run").params
+    tensors = safetensors_of(FIXTURES / "llama")
+    np.testing.assert_allclose(final["embed"], tensors["model.embed_tokens.weight"], atol=1e-6)
+    np.testing.assert_allclose(final["blocks"]["mlp"]["w_down"][1],
+                               tensors["model.layers.1.mlp.down_proj.weight"].T, atol=1e-6)
+    assert np.isfinite(run.summary["loss"])
+
+
+def copy_fixture(name: str, tmp_path: Path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+def edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def bad_inputs():
+    """(case, how to break a copy of a fixture, the error's words)."""
+    def missing_shard(d):
+        (d / "model-00002-of-00005.safetensors").unlink()
+
+    def missing_index_entry(d):
+        index = json.loads((d / hf.INDEX).read_text())
+        del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+        (d / hf.INDEX).write_text(json.dumps(index))
+
+    def wrong_shape(d):
+        tensors = load_file(str(d / "model.safetensors"))
+        tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    def wrong_dtype(d):
+        tensors = load_file(str(d / "model.safetensors"))
+        tensors["model.norm.weight"] = np.zeros((64,), np.int8)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    def extra_tensor(d):
+        tensors = load_file(str(d / "model.safetensors"))
+        tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros((64,), np.float32)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    def small_vocab(d):
+        edit_config(d, vocab_size=300)
+
+    return [
+        ("llama_sharded", missing_shard, "names shard model-00002-of-00005.safetensors"),
+        ("llama_sharded", missing_index_entry, "model.layers.1.mlp.up_proj.weight"),
+        ("llama", wrong_shape, "'model.layers.0.self_attn.k_proj.weight' has shape [16, 64]"),
+        ("llama", wrong_dtype, "'model.norm.weight' has dtype I8"),
+        ("llama", extra_tensor, "'model.layers.0.self_attn.o_proj.bias' has no place"),
+        ("llama", small_vocab, "the tokenizer has 320 tokens but config.json's vocab_size is 300"),
+        ("llama", lambda d: edit_config(d, architectures=["GPT2LMHeadModel"]),
+         "architectures=['GPT2LMHeadModel'] is not supported"),
+        ("llama", lambda d: edit_config(d, hidden_act="gelu"), "hidden_act='gelu'"),
+        ("llama", lambda d: edit_config(d, attention_bias=True), "attention_bias=True"),
+        ("llama", lambda d: edit_config(d, rope_parameters={"rope_type": "longrope",
+                                                            "rope_theta": 1e4}),
+         "rope_type='longrope' is not supported"),
+        ("llama", lambda d: edit_config(d, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1e4,
+                                                            "beta_fast": 8.0}),
+         "rope parameter 'beta_fast' is not used by rope_type='linear'"),
+        ("llama", lambda d: edit_config(d, made_up_field=3), "field 'made_up_field'"),
+        ("qwen3", lambda d: edit_config(d, use_sliding_window=True, layer_types=[
+            "full_attention", "sliding_attention"]), "use_sliding_window=True"),
+        ("llama", lambda d: (d / "config.json").unlink(), "has no config.json"),
+        ("llama", lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
+    ]
+
+
+@pytest.mark.parametrize("name,breakage,words", bad_inputs(),
+                         ids=[f"{b[0]}-{b[1].__name__}" if b[1].__name__ != "<lambda>" else
+                              f"{b[0]}-{b[2][:24]}" for b in bad_inputs()])
+def test_bad_hf_directories_are_errors_naming_the_file_or_field(name, breakage, words,
+                                                                tmp_path):
+    directory = copy_fixture(name, tmp_path)
+    breakage(directory)
+    with pytest.raises((GigajaxError, ConfigError)) as error:
+        gigajax.from_hf(directory, tmp_path / "out")
+    assert words in str(error.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_an_unknown_field_is_accepted_when_named(tmp_path):
+    directory = copy_fixture("llama", tmp_path)
+    edit_config(directory, made_up_field=3)
+    gigajax.from_hf(directory, tmp_path / "out", ignore=["made_up_field"])
+    assert (tmp_path / "out" / "checksums.json").is_file()
+
+
+def test_an_existing_output_is_refused_unless_overwrite_and_then_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(GigajaxError, match="already exists.*--overwrite"):
+        gigajax.from_hf(FIXTURES / "llama", out)
+    gigajax.from_hf(FIXTURES / "llama", out, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "checksums.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+    with pytest.raises(GigajaxError, match="already exists"):
+        gigajax.to_hf(out, out)
+
+
+def test_convert_cli_round_trip_and_one_line_errors(tmp_path):
+    def gigajax_cli(*args):
+        return subprocess.run([sys.executable, "-m", "gigajax.cli", *map(str, args)],
+                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
+
+    done = gigajax_cli("convert", "from-hf", FIXTURES / "mistral", "--out", tmp_path / "g")
+    assert done.returncode == 0, done.stderr
+    done = gigajax_cli("convert", "to-hf", tmp_path / "g", "--out", tmp_path / "h",
+                       "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["sliding_window"] == 16
+    for args, words in [(("from-hf", tmp_path / "nothing", "--out", tmp_path / "x"),
+                         "does not exist"),
+                        (("from-hf", FIXTURES / "mistral", "--out", tmp_path / "g"),
+                         "already exists"),
+                        (("to-hf", tmp_path / "g", "--out", tmp_path / "y",
+                          "--max-shard-size", "lots"), "--max-shard-size 'lots'")]:
+        done = gigajax_cli("convert", *args)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_shard_plan_and_sizes():
+    assert convert.parse_size("5GB") == 5 * 10**9 and convert.parse_size("2GiB") == 2 * 2**30
+    assert hf.shard_plan([("a", 6), ("b", 6), ("c", 20), ("d", 1)], 10) == [
+        ["a"], ["b"], ["c"], ["d"]]
+    assert hf.shard_plan([("a", 3), ("b", 3), ("c", 3), ("d", 3)], 10) == [["a", "b", "c"],
+                                                                           ["d"]]
+
+
+def test_lazy_tensors_read_only_the_slices_asked_for():
+    cfg = ModelConfig.from_config(gigajax.load_config(FIXTURES / "llama"))
+    params = hf.hf_params(FIXTURES / "llama", cfg)
+    wq = params["blocks"]["attn"]["wq"]  # [L, D, H, E] from q_proj [H*E, D] per layer
+    full = np.asarray(wq)
+    part = wq[1:2, 16:48, 2:4, :]
+    np.testing.assert_array_equal(part, full[1:2, 16:48, 2:4, :])
+    q_proj = load_file(str(FIXTURES / "llama" / "model.safetensors"))[
+        "model.layers.1.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(full[1], q_proj.T.reshape(64, 4, 16))
+    wq.bytes_read = 0
+    wq[0:1, 0:32, 0:2, :]  # a quarter of one layer: a quarter of one layer's bytes are read
+    assert wq.bytes_read == 32 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("mesh", ["mesh.fsdp=8", "mesh.data=8"])
+def test_streaming_into_a_layout_reads_each_byte_once(mesh):
+    """Placed over fsdp=8 (every parameter split on `embed`) each device reads its own eighth;
+    over data=8 (replicated) one read serves all 8 devices: either way the slices read are the
+    checkpoint's tensors once."""
+    cfg = gigajax.load_config(FIXTURES / "llama", mesh, "data.batch_size=8")
+    mesh = make_mesh(cfg.mesh, jax.devices())
+    builder = StateBuilder(cfg, mesh, layout_for(cfg, mesh), optax.identity())
+    lazy = read_params(FIXTURES / "llama").params
+    builder.from_params(lazy, "llama")
+    leaves = jax.tree.leaves(lazy)
+    total = sum(v.nbytes for v in safetensors_of(FIXTURES / "llama").values())
+    assert sum(leaf.bytes_read for leaf in leaves) == total
+
+
+# The live tests below need torch and transformers (the [hf] extra); CI skips them.
+
+
+@pytest.mark.slow(seconds=30)
+def test_live_transformers_loads_our_export_with_the_same_logits(tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import torch as torch_module
+
+    tokens, _ = reference("qwen3")
+    converted, exported = tmp_path / "g", tmp_path / "h"
+    gigajax.from_hf(FIXTURES / "qwen3", converted)
+    ours = gigajax.load(converted, "model.dtype=float32").logits(tokens)
+    gigajax.to_hf(converted, exported, dtype="float32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, dtype=torch_module.float32, attn_implementation="eager").eval()
+    with torch_module.no_grad():
+        theirs = model(torch_module.tensor(tokens, dtype=torch_module.long)).logits.numpy()
+    assert np.abs(theirs - ours).max() <= LOGIT_ATOL
+
+
+@pytest.mark.slow(seconds=30)
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 16}])
+def test_live_a_model_saved_by_transformers_imports_with_its_logits(rope, tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import torch as torch_module
+
+    torch_module.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+        rope_parameters={"rope_theta": 500000.0, **(rope or {"rope_type": "default"})})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch_module.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "hf")
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 48))  # no tokenizer saved: byte
+    with torch_module.no_grad():
+        theirs = model(torch_module.tensor(tokens)).logits.numpy()
+    ours = gigajax.load(tmp_path / "hf", "model.dtype=float32").logits(tokens.astype(np.int32))
+    assert np.abs(theirs - ours).max() <= LOGIT_ATOL
