@@ -164,3 +164,29 @@ def test_hf_parity_table_rows_and_worst_difference(tmp_path):
     differences = [r[layout] for r in result["rows"] for layout in parity.LAYOUTS]
     assert result["worst"] == max(differences) <= 1e-4
     assert len(list(csv.DictReader(open(out.with_suffix(".csv"))))) == 2
+
+
+def test_import_timing_rows_sizes_and_round_trip(tmp_path):
+    """A tiny random HF checkpoint in shards: streamed into fsdp=8 reading each byte once,
+    converted, exported back bitwise; each row's ratio is its own transient over the shard."""
+    timing = load_script("import_timing")
+    out = tmp_path / "import.json"
+    argv = ["--workdir", str(tmp_path / "work"), "--output", str(out), "--hidden", "64",
+            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+            "--vocab", "512", "--shard-size", "100KB", "--dtypes", "bfloat16",
+            "--meshes", "fsdp=8"]
+    assert timing.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["job"], r["mesh"]): r for r in result["rows"]}
+    assert list(rows) == [("stream", "fsdp=8"), ("convert", ""), ("to_hf", "")]
+    assert len(result["checkpoint"]["files"]) > 1
+    tensor_mb = result["checkpoint"]["tensor_bytes"] / 2**20
+    for r in rows.values():
+        assert r["peak_mb"] >= r["baseline_mb"] > 0 and r["seconds"] > 0
+        assert r["transient_over_largest_shard"] == pytest.approx(
+            r["transient_mb"] / r["largest_shard_mb"])
+    stream = rows[("stream", "fsdp=8")]
+    assert stream["check"].startswith("ok") and stream["result_mb"] >= 2 * tensor_mb
+    assert stream["bytes_read_mb"] == pytest.approx(tensor_mb)  # each byte read once
+    assert rows[("to_hf", "")]["check"].startswith("ok")  # bitwise round trip
+    assert len(list(csv.DictReader(open(out.with_suffix(".csv"))))) == 3

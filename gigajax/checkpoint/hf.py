@@ -7,7 +7,7 @@ come first; no q/k permutation is needed (both use rotate-half RoPE).
 
 Reading is lazy and sliced: `hf_params` returns `HFTensor`s, each reading only the index it is
 asked for (`safe_open(...).get_slice`), one layer at a time, so a process that fills its shards of
-a sharded array (`jax.make_array_from_callback`) reads only those bytes and the file is unmapped
+a sharded array (`parallel/shardings.place_shards`) reads only those bytes and the file is unmapped
 after each read.
 """
 
@@ -188,7 +188,7 @@ class HFTensor:
 
 
 def _slices(index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """An index (Ellipsis, a slice tuple from make_array_from_callback) as one slice per dim."""
+    """An index (Ellipsis, or a tuple of slices as shardings give them) as one slice per dim."""
     if index is Ellipsis:
         index = ()
     index = index if isinstance(index, tuple) else (index,)
