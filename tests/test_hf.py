@@ -8,6 +8,7 @@ feature a fixture covers moves its logits by more than 1e-2, and a control here 
 wrong tensor mapping fails the 1e-4 test.
 """
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -235,6 +236,15 @@ def bad_inputs():
         ("llama", lambda d: edit_config(d, made_up_field=3), "field 'made_up_field'"),
         ("qwen3", lambda d: edit_config(d, use_sliding_window=True, layer_types=[
             "full_attention", "sliding_attention"]), "use_sliding_window=True"),
+        ("llama", lambda d: edit_config(d, hidden_size=None), "hidden_size is missing"),
+        ("llama", lambda d: edit_config(d, num_attention_heads=2.5),
+         "num_attention_heads=2.5 is not a positive integer"),
+        ("llama", lambda d: edit_config(d, rope_parameters=[1, 2]),
+         "rope_parameters=[1, 2] is not a JSON object"),
+        ("llama", lambda d: edit_config(d, rope_parameters={"rope_type": "linear",
+                                                            "factor": "two"}),
+         "rope parameter factor='two' is not a number"),
+        ("qwen2", lambda d: edit_config(d, use_mrope=True), "use_mrope=True"),
         ("llama", lambda d: (d / "config.json").unlink(), "has no config.json"),
         ("llama", lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
     ]
@@ -251,6 +261,52 @@ def test_bad_hf_directories_are_errors_naming_the_file_or_field(name, breakage, 
         gigajax.from_hf(directory, tmp_path / "out")
     assert words in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_failure_while_writing_leaves_no_output_and_no_temporary(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        gigajax.to_hf(FIXTURES / "llama", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_left_by_a_dead_writer_is_removed(tmp_path):
+    stale = tmp_path / ".out.999999999.x1y2.tmp"  # no such pid
+    (stale / "out").mkdir(parents=True)
+    gigajax.from_hf(FIXTURES / "llama", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_moved_conversion_finds_its_tokenizer(tmp_path):
+    gigajax.from_hf(FIXTURES / "qwen3", tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    lm = gigajax.load(tmp_path / "b")
+    assert lm.tokenizer.spec == str(tmp_path / "b" / "tokenizer" / "tokenizer.json")
+    written = gigajax.to_hf(tmp_path / "b", tmp_path / "hf")
+    assert "tokenizer.json" in written["files"]
+
+
+def test_qwen_sliding_window_survives_import_and_export(tmp_path):
+    source = copy_fixture("qwen2", tmp_path)
+    edit_config(source, use_sliding_window=True, sliding_window=16,
+                layer_types=["sliding_attention"] * 2)
+    gigajax.from_hf(source, tmp_path / "g")
+    assert gigajax.load_config(tmp_path / "g").model.sliding_window == 16
+    gigajax.to_hf(tmp_path / "g", tmp_path / "h", dtype="float32")
+    exported = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert exported["use_sliding_window"] and exported["sliding_window"] == 16
+    assert exported["layer_types"] == ["sliding_attention"] * 2
+    assert from_hf_config(exported).model.sliding_window == 16
+
+
+def test_the_api_is_quiet_and_the_cli_reports(tmp_path, capsys):
+    gigajax.from_hf(FIXTURES / "llama", tmp_path / "a")
+    gigajax.to_hf(tmp_path / "a", tmp_path / "b")
+    assert capsys.readouterr().out == ""
+    assert oct((tmp_path / "b" / "model.safetensors").stat().st_mode & 0o777) != "0o600"
 
 
 def test_an_unknown_field_is_accepted_when_named(tmp_path):
@@ -320,9 +376,10 @@ def test_lazy_tensors_read_only_the_slices_asked_for():
 
 @pytest.mark.parametrize("mesh", ["mesh.fsdp=8", "mesh.data=8"])
 def test_streaming_into_a_layout_reads_each_byte_once(mesh):
-    """Placed over fsdp=8 (every parameter split on `embed`) each device reads its own eighth;
-    over data=8 (replicated) one read serves all 8 devices: either way the slices read are the
-    checkpoint's tensors once."""
+    """Placed over fsdp=8 (every parameter split on `embed`) each device asks for its own
+    eighth; over data=8 (replicated) one read serves all 8 devices: either way the slices
+    returned add up to the checkpoint's tensors once (bytes returned by get_slice, not pages
+    the OS touched: a column slice of a row-major tensor touches most of its pages)."""
     cfg = gigajax.load_config(FIXTURES / "llama", mesh, "data.batch_size=8")
     mesh = make_mesh(cfg.mesh, jax.devices())
     builder = StateBuilder(cfg, mesh, layout_for(cfg, mesh), optax.identity())
@@ -377,3 +434,58 @@ def test_live_a_model_saved_by_transformers_imports_with_its_logits(rope, tmp_pa
         theirs = model(torch_module.tensor(tokens)).logits.numpy()
     ours = gigajax.load(tmp_path / "hf", "model.dtype=float32").logits(tokens.astype(np.int32))
     assert np.abs(theirs - ours).max() <= LOGIT_ATOL
+
+
+@pytest.mark.slow(seconds=30)
+@pytest.mark.parametrize("name", ["llama_yarn_notruncate", "llama3", "llama_dynamic", "mistral",
+                                  "qwen2_sliding"])
+def test_live_exports_of_every_kind_give_transformers_the_source_logits(name, tmp_path):
+    """transformers on our export equals transformers on the source, for the scalings, the
+    window and a Qwen model with sliding windows on every layer."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import torch as torch_module
+
+    source = FIXTURES / name
+    if name == "qwen2_sliding":
+        source = copy_fixture("qwen2", tmp_path)
+        edit_config(source, use_sliding_window=True, sliding_window=16,
+                    layer_types=["sliding_attention"] * 2)
+    tokens, _ = reference(name.removesuffix("_sliding"))
+
+    def transformers_logits(directory):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_module.float32, attn_implementation="eager").eval()
+        with torch_module.no_grad():
+            return model(torch_module.tensor(tokens, dtype=torch_module.long)).logits.numpy()
+
+    gigajax.from_hf(source, tmp_path / "g")
+    gigajax.to_hf(tmp_path / "g", tmp_path / "h", dtype="float32")
+    expected = transformers_logits(source)
+    assert np.abs(transformers_logits(tmp_path / "h") - expected).max() <= LOGIT_ATOL
+    ours = gigajax.load(tmp_path / "g", "model.dtype=float32").logits(tokens)
+    assert np.abs(ours - expected).max() <= LOGIT_ATOL
+
+
+def test_the_passkey_fixture_retrieves_the_key_at_its_training_length():
+    result = gigajax.eval_passkey(ROOT / "tests" / "fixtures" / "passkey_tiny", "256",
+                                  depths="0,0.5,1", samples=5)
+    assert result["runs"][0]["mean"] >= 0.9
+
+
+@pytest.mark.slow(seconds=40)
+def test_extend_context_round_trips_fine_tunes_on_the_ring_and_exports(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "extend_context", ROOT / "experiments" / "extend_context.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path / "ext"), "--quick"]) == 0
+    result = json.loads((tmp_path / "ext" / "extend_context.json").read_text())
+    assert result["round_trip"]["max_tensor_diff"] == 0 == result["round_trip"]["max_logit_diff"]
+    assert [r["title"] for r in result["runs"]][:2] == ["as trained", "YaRN x4, zero-shot"]
+    cfg = result["finetune"]["config"]
+    assert cfg["mesh"]["sequence"] == 8 and cfg["attention"]["layout"] == "zigzag"
+    assert cfg["model"]["rope_scaling"]["type"] == "yarn"
+    assert cfg["model"]["rope_scaling"]["factor"] == 4.0
+    compared = result["transformers"]
+    assert "skipped" in compared or compared["max_abs_logit_diff_first_tokens"] < 1e-4

@@ -54,13 +54,16 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, dtype: str = "float32",
-            overwrite: bool = False, ignore: Iterable[str] = ()) -> dict[str, Any]:
+            overwrite: bool = False, ignore: Iterable[str] = (),
+            report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Convert an HF model directory into a gigajax params checkpoint at `out` (params, config
     with data.tokenizer pointing at the copied tokenizer, checksums) and return what was
-    written. Usable by `gigajax.load`, as `--config` and as `train.init_from`."""
+    written (`report` gets a one-line summary). Usable by `gigajax.load`, as `--config` and
+    as `train.init_from`."""
     start = time.perf_counter()
     hf_dir, out = Path(hf_dir).absolute(), Path(out).absolute()
     _check_dtype(dtype)
+    staging = _staging(out, overwrite)  # refuse an existing --out before reading anything
     cfg = hf_model_config(hf_dir, ignore)
     lazy = hf.hf_params(hf_dir, ModelConfig.from_config(cfg))
     present = [n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
@@ -72,26 +75,29 @@ def from_hf(hf_dir: str | Path, out: str | Path, dtype: str = "float32",
             "made_by": "convert from-hf", "dtype": dtype, "num_params": _count(params),
             "hf": {"path": str(hf_dir), "tokenizer_files": present,
                    "architecture": architecture(read_hf_config(hf_dir), str(hf_dir))}}
-    with _staging(out, overwrite) as staging:
-        written = save_params(staging, params, meta)
+    with staging as directory:
+        written = save_params(directory, params, meta)
         del params
-        copy_tokenizer_files(hf_dir, staging / "tokenizer")
-        write_checksums(staging)  # again, now with the tokenizer files
+        copy_tokenizer_files(hf_dir, directory / "tokenizer")
+        write_checksums(directory)  # again, now with the tokenizer files
     written["path"] = str(out)
-    return _report(written, start, f"from {hf_dir}")
+    return _report(written, start, f"from {hf_dir}", report)
 
 
 def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
           max_shard_size: str | int = "5GB", overwrite: bool = False, step: int | None = None,
           require_checksums: bool = True, log: Callable[[str], None] = to_stderr,
-          allow_hint: str = ALLOW_UNVERIFIED) -> dict[str, Any]:
+          allow_hint: str = ALLOW_UNVERIFIED, report: Callable[[str], None] | None = None
+          ) -> dict[str, Any]:
     """Write the params of `checkpoint` (workdir, step or params directory, or an HF directory)
     as an HF model directory that `transformers` loads with no gigajax code: config.json (with
-    the run's RoPE scaling), safetensors shards with an index, the tokenizer files."""
+    the run's RoPE scaling), safetensors shards with an index, the tokenizer files. `log` gets
+    warnings, `report` a one-line summary."""
     start = time.perf_counter()
     _check_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     out = Path(out).absolute()
+    staging = _staging(out, overwrite)
     found = read_params(checkpoint, step, require_checksums=require_checksums, log=log,
                         allow_hint=allow_hint)
     if found.config is None:
@@ -108,15 +114,15 @@ def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
     np_dtype = DTYPES[dtype]
     tensors = list(hf.hf_tensors(found.params, model_cfg, np_dtype))
     shapes = {name: make_shape for name, make_shape in _hf_shapes(model_cfg)}
-    with _staging(out, overwrite) as staging:
-        staging.mkdir()
-        files = hf.write_safetensors(staging, tensors, shapes, np_dtype, max_bytes)
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        files += ["config.json", *write_tokenizer(tok, staging, cfg)]
+    with staging as directory:
+        directory.mkdir()
+        files = hf.write_safetensors(directory, tensors, shapes, np_dtype, max_bytes)
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        files += ["config.json", *write_tokenizer(tok, directory, cfg)]
     size = sum((out / f).stat().st_size for f in files if (out / f).is_file())
     written = {"path": str(out), "num_params": _count(found.params), "dtype": dtype,
                "megabytes": size / 2**20, "files": files}
-    return _report(written, start, f"from {found.path}")
+    return _report(written, start, f"from {found.path}", report)
 
 
 def _hf_shapes(cfg: ModelConfig):
@@ -230,7 +236,8 @@ def _count(params: Any) -> int:
 
 
 class _staging:
-    """A temporary directory beside `out`, renamed to `out` on success, removed on failure."""
+    """A temporary directory beside `out` (`.<name>.<pid>.<random>.tmp`), renamed to `out` on
+    success, removed on failure; one left by a writer that died (its pid gone) is removed."""
 
     def __init__(self, out: Path, overwrite: bool):
         if out.exists() and not overwrite:
@@ -240,10 +247,14 @@ class _staging:
             raise GigajaxError(f"--out {out} is a file: pass a directory.")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out, self.overwrite = out, overwrite
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):
+            pid = stale.name[len(out.name) + 2:].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp",
-                                         dir=self.out.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.",
+                                         suffix=".tmp", dir=self.out.parent))
         self.path = self.tmp / "out"
         return self.path
 
@@ -260,8 +271,21 @@ class _staging:
         del old
 
 
-def _report(written: dict, start: float, source: str) -> dict:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _report(written: dict, start: float, source: str,
+            report: Callable[[str], None] | None) -> dict:
     written["seconds"] = time.perf_counter() - start
-    print(f"wrote {written['path']} {source}: {written['num_params'] / 1e6:.2f}M parameters "
-          f"({written['dtype']}), {written['megabytes']:.1f} MB, {written['seconds']:.1f} s")
+    if report is not None:
+        report(f"wrote {written['path']} {source}: {written['num_params'] / 1e6:.2f}M "
+               f"parameters ({written['dtype']}), {written['megabytes']:.1f} MB, "
+               f"{written['seconds']:.1f} s")
     return written

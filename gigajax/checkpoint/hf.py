@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ class HFTensor:
         if not self.spec.layer:
             return self._read(self.spec.hf, slices)
         layers = range(*slices[0].indices(self.n_layers))
+        if not layers:
+            raise IndexError(f"HFTensor: empty slice {index!r} of a {self.shape} tensor")
         return np.stack([self._read(self.spec.hf.format(i=i), slices[1:]) for i in layers])
 
     def _read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
@@ -192,8 +195,8 @@ def _slices(index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
     if index is Ellipsis:
         index = ()
     index = index if isinstance(index, tuple) else (index,)
-    if any(not isinstance(i, slice) for i in index):
-        raise TypeError(f"HFTensor takes slices only, got {index!r}")
+    if any(not isinstance(i, slice) or i.step not in (None, 1) for i in index):
+        raise TypeError(f"HFTensor takes slices with step 1 only, got {index!r}")
     full = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=False))
     return full + tuple(slice(0, n) for n in shape[len(full):])
 
@@ -276,6 +279,12 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tupl
             yield spec.hf.format(i=i), (lambda s=spec, p=part: s.to_hf(np.asarray(p, dtype)))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Tensor names grouped in order into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own)."""
@@ -303,6 +312,7 @@ def write_safetensors(out: Path, tensors: list[tuple[str, Any]], shapes: dict[st
     for file, shard in zip(names, plan, strict=True):
         save_file({name: make[name]() for name in shard}, str(out / file),
                   metadata={"format": "pt"})
+        os.chmod(out / file, 0o666 & ~_umask())  # safetensors creates its files 0600
     if len(plan) > 1:
         index = {"metadata": {"total_size": sum(size for _, size in sizes)},
                  "weight_map": {name: file for file, shard in zip(names, plan, strict=True)

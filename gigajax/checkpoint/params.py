@@ -215,7 +215,7 @@ def read_params(checkpoint: str | Path, step: int | None = None, flag: str = "--
         params, meta = load_params(directory, **integrity)
         steps = meta.get("source_steps") or []
         at_step = steps[0] if len(steps) == 1 else None
-    config = meta.get("config")
+    config = _tokenizer_beside(meta.get("config"), directory)
     if config is None and workdir is not None and (workdir / "config.json").is_file():
         config = json.loads((workdir / "config.json").read_text())
     return Params(params, config, at_step, directory, workdir)
@@ -277,6 +277,19 @@ def _report(written: dict, start: float) -> dict:
     return written
 
 
+def _tokenizer_beside(config: dict | None, directory: Path) -> dict | None:
+    """A params checkpoint made by `convert from-hf` carries its tokenizer in `tokenizer/`;
+    when the checkpoint has been moved, its config's data.tokenizer (the absolute path at
+    conversion time) is pointed at the copy beside it."""
+    spec = (config or {}).get("data", {}).get("tokenizer", "")
+    if spec in ("", "auto", "byte") or Path(spec).exists():
+        return config
+    beside = directory / "tokenizer" / Path(spec).name
+    if beside.is_file():
+        config = {**config, "data": {**config["data"], "tokenizer": str(beside)}}
+    return config
+
+
 def saved_config(directory: str | Path) -> dict:
     """The config a directory holds, without reading its params: a Hugging Face model's
     (config.json mapped), a params checkpoint's or step directory's (its meta), a workdir's
@@ -285,7 +298,7 @@ def saved_config(directory: str | Path) -> dict:
     if is_hf_dir(path):
         return hf_model_config(path).to_dict()
     if _is_params_dir(path) or _is_step_dir(path):
-        config = _read_json(path / "meta").get("config")
+        config = _tokenizer_beside(_read_json(path / "meta").get("config"), path)
         if config is not None:
             return config
     if (path / "config.json").is_file():

@@ -11,7 +11,8 @@ from gigajax.cli.common import no_extra
 
 def _from_hf(args: argparse.Namespace, rest: list[str]) -> int:
     no_extra(rest, "convert from-hf")
-    convert.from_hf(args.hf_dir, args.out, args.dtype, args.overwrite, args.ignore_field)
+    convert.from_hf(args.hf_dir, args.out, args.dtype, args.overwrite, args.ignore_field,
+                    report=print)
     return 0
 
 
@@ -19,7 +20,8 @@ def _to_hf(args: argparse.Namespace, rest: list[str]) -> int:
     no_extra(rest, "convert to-hf")
     convert.to_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite,
                   args.step, require_checksums=not args.allow_missing_checksums,
-                  allow_hint="Pass --allow-missing-checksums to read it anyway, with a warning.")
+                  allow_hint="Pass --allow-missing-checksums to read it anyway, with a warning.",
+                  report=print)
     return 0
 
 

@@ -32,7 +32,8 @@ MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
           "rms_norm_eps", "tie_word_embeddings", "initializer_range", "rope_theta",
           "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
           "max_window_layers", "layer_types", "hidden_act", "attention_bias", "mlp_bias",
-          "attention_dropout", "architectures", "model_type", "partial_rotary_factor")
+          "attention_dropout", "architectures", "model_type", "partial_rotary_factor",
+          "use_mrope")
 # fields that do not change the forward pass (token ids, bookkeeping, generation defaults)
 HARMLESS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
             "transformers_version", "use_cache", "pretraining_tp", "_name_or_path",
@@ -48,8 +49,8 @@ HARMLESS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtyp
             "forced_eos_token_id", "remove_invalid_values", "typical_p", "diversity_penalty",
             "num_beam_groups", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
             "suppress_tokens", "begin_suppress_tokens", "cross_attention_hidden_size",
-            "quantization_config_ignore", "keys_to_ignore_at_inference", "base_model_tp_plan",
-            "base_model_pp_plan", "attn_implementation")
+            "keys_to_ignore_at_inference", "base_model_tp_plan", "base_model_pp_plan",
+            "attn_implementation", "_attn_implementation_autoset")
 ROPE_KEYS = {  # rope_type -> the keys of its parameters we read (others are refused)
     "default": (), "linear": ("factor",), "dynamic": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
@@ -120,18 +121,34 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json",
         refuse("attention_dropout", "gigajax has no attention dropout; set it to 0.0")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", "gigajax rotates the whole head dimension")
+    if hf.get("use_mrope"):
+        refuse("use_mrope", "multimodal RoPE sections are not implemented")
     cfg = base_config()
     m = cfg.model
-    heads = int(hf["num_attention_heads"])
-    m.update(vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-             n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
-             n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-             head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
-             mlp_dim=int(hf["intermediate_size"]),
-             max_seq_len=int(hf.get("max_position_embeddings") or 2048),
-             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-             init_std=float(hf.get("initializer_range", 0.02)),
-             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+
+    def value(key: str, kind: type = int, default: Any = None) -> Any:
+        """hf[key] as `kind` (default when absent or null), else a ConfigError naming it."""
+        raw = hf.get(key)
+        if raw is None:
+            if default is None:
+                raise ConfigError(f"{where}: {key} is missing; a {arch} config.json has it.")
+            return default
+        if isinstance(raw, bool) != (kind is bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{where}: {key}={raw!r} is not a {kind.__name__}.")
+        if kind is int and raw != int(raw) or (kind is int and raw <= 0):
+            raise ConfigError(f"{where}: {key}={raw!r} is not a positive integer.")
+        return kind(raw)
+
+    heads, hidden = value("num_attention_heads"), value("hidden_size")
+    m.update(vocab_size=value("vocab_size"), d_model=hidden,
+             n_layers=value("num_hidden_layers"), n_heads=heads,
+             n_kv_heads=value("num_key_value_heads", default=heads),
+             head_dim=value("head_dim", default=hidden // heads),
+             mlp_dim=value("intermediate_size"),
+             max_seq_len=value("max_position_embeddings", default=2048),
+             norm_eps=value("rms_norm_eps", float, 1e-6),
+             init_std=value("initializer_range", float, 0.02),
+             tie_embeddings=value("tie_word_embeddings", bool, False),
              qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
              sliding_window=_sliding_window(hf, family, refuse))
     _read_rope(hf, m, where)
@@ -160,6 +177,9 @@ def _sliding_window(hf: Mapping[str, Any], family: str, refuse) -> int:
 def _rope_parameters(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """RoPE settings in transformers 5's form: `rope_parameters`, else `rope_theta` plus the
     legacy `rope_scaling` (with `type` or `rope_type`)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ConfigError(f"{where}: {key}={hf[key]!r} is not a JSON object.")
     if isinstance(hf.get("rope_parameters"), Mapping):
         params = dict(hf["rope_parameters"])
         if any(isinstance(v, Mapping) for v in params.values()):
@@ -190,6 +210,10 @@ def _read_rope(hf: Mapping[str, Any], m: ml_collections.ConfigDict, where: str) 
         raise ConfigError(f"{where}: rope parameter {extra[0]!r} is not used by rope_type="
                           f"{kind!r} as gigajax computes it; remove it or use a type that "
                           "reads it.")
+    for key, v in params.items():
+        if v is not None and key != "truncate" and (
+                isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ConfigError(f"{where}: rope parameter {key}={v!r} is not a number.")
     rs = m.rope_scaling
     if kind == "default":
         return
@@ -204,7 +228,7 @@ def _read_rope(hf: Mapping[str, Any], m: ml_collections.ConfigDict, where: str) 
                 "low_freq_factor", "high_freq_factor"):
         if params.get(key) is not None:
             rs[key] = float(params[key])
-    if params.get("truncate") is not None:
+    if "truncate" in params:  # transformers reads get("truncate", True): null is false
         rs.truncate = bool(params["truncate"])
 
 
@@ -232,7 +256,7 @@ def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
         "rope_theta": m.rope_theta,
         "rope_scaling": None if rope["rope_type"] == "default" else
         {k: v for k, v in rope.items() if k != "rope_theta"},
-        "dtype": dtype, "use_cache": True, **token_ids,
+        "dtype": dtype, "torch_dtype": dtype, "use_cache": True, **token_ids,
     }
     if family in ("llama", "qwen3"):
         hf["attention_bias"] = False
@@ -241,7 +265,10 @@ def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
     if family == "mistral":
         hf["sliding_window"] = m.sliding_window
     if family in ("qwen2", "qwen3"):
-        hf.update(use_sliding_window=False, sliding_window=None)
+        window = m.sliding_window or None
+        hf.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0,
+                  layer_types=["sliding_attention" if window else "full_attention"]
+                  * m.n_layers)
     return hf
 
 

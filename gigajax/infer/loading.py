@@ -25,6 +25,7 @@ from flax import nnx
 from gigajax.checkpoint.manager import shape_mismatch, tree_shapes
 from gigajax.checkpoint.params import read_params
 from gigajax.config import ModelConfig, apply_overrides, base_config, config_from_dict
+from gigajax.config.schema import MESH_AXES
 from gigajax.errors import GigajaxError
 from gigajax.model import Decoder
 from gigajax.parallel.shardings import abstract_model
@@ -62,6 +63,8 @@ def config_with_overrides(saved: dict, overrides: list[str] = (),
     """The saved config over today's defaults (fields added since keep their default), with
     `"a.b=v"` overrides and then `{"a.b": v}` ones applied, checked by `preflight`."""
     cfg = config_from_dict(saved)
+    for axis in MESH_AXES:  # the model runs on one device, whatever mesh it trained on
+        cfg.mesh[axis] = 1
     apply_overrides(cfg, overrides)
     apply_overrides(cfg, named or {})
     preflight(cfg)
