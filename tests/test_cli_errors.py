@@ -45,7 +45,23 @@ def cases(run: Path, text: Path, tmp: Path) -> list[tuple[list[str], str]]:
                "--output", str(tmp / "e")]
     export = ["ckpt", "export", "--workdir", str(run), "--out", str(tmp / "x")]
     average = ["ckpt", "average", "--workdir", str(run), "--steps", "2", "--out", str(tmp / "a")]
+    hf_dir = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
+    from_hf = ["convert", "from-hf", hf_dir, "--out", str(tmp / "x")]
+    to_hf = ["convert", "to-hf", str(run), "--out", str(tmp / "x")]
     return [
+        (["convert", "from-hf", missing, "--out", str(tmp / "x")], "does not exist"),
+        (["convert", "from-hf", str(run), "--out", str(tmp / "x")], "`convert to-hf` exports"),
+        (["convert", "from-hf", hf_dir, "--out", file], "already exists"),
+        ([*from_hf, "--dtype", "int8"], "--dtype"),
+        ([*from_hf, "--ignore-field"], "--ignore-field"),
+        ([*from_hf, "--config.train.steps=2"], "unknown argument"),
+        ([*to_hf, "--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+        ([*to_hf, "--max-shard-size", "0"], "--max-shard-size '0'"),
+        ([*to_hf, "--step", "99999"], "no checkpoint of step 99999"),
+        (["convert", "to-hf", hf_dir, "--out", str(tmp / "x"), "--step", "3"],
+         "leave --step out"),
+        (["convert", "to-hf", missing, "--out", str(tmp / "x")], "does not exist"),
+        ([*to_hf, "--dtype", "float64"], "--dtype"),
         (["frobnicate"], "invalid choice"),
         (["train", "--config", missing, "--workdir", str(tmp / "w")], "does not exist"),
         (["train", "--config", file, "--workdir", str(tmp / "w")], file),

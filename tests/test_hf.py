@@ -329,7 +329,8 @@ def test_an_existing_output_is_refused_unless_overwrite_and_then_replaced_whole(
         gigajax.to_hf(out, out)
 
 
-def test_convert_cli_round_trip_and_one_line_errors(tmp_path):
+def test_convert_cli_round_trip(tmp_path):
+    """The commands in fresh processes (their errors: tests/test_cli_errors.py)."""
     def gigajax_cli(*args):
         return subprocess.run([sys.executable, "-m", "gigajax.cli", *map(str, args)],
                               capture_output=True, text=True, env=subprocess_env(), timeout=300)
@@ -340,15 +341,10 @@ def test_convert_cli_round_trip_and_one_line_errors(tmp_path):
                        "--dtype", "float32")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "h" / "config.json").read_text())["sliding_window"] == 16
-    for args, words in [(("from-hf", tmp_path / "nothing", "--out", tmp_path / "x"),
-                         "does not exist"),
-                        (("from-hf", FIXTURES / "mistral", "--out", tmp_path / "g"),
-                         "already exists"),
-                        (("to-hf", tmp_path / "g", "--out", tmp_path / "y",
-                          "--max-shard-size", "lots"), "--max-shard-size 'lots'")]:
-        done = gigajax_cli("convert", *args)
-        assert done.returncode == 2 and words in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout.startswith(f"wrote {tmp_path / 'h'} from ")  # the CLI reports
+    done = gigajax_cli("convert", "from-hf", FIXTURES / "mistral", "--out", tmp_path / "g")
+    assert done.returncode == 2 and "already exists" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_shard_plan_and_sizes():

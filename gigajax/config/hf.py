@@ -75,6 +75,11 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON ({error}).") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} holds {type(values).__name__}, not a JSON object.")
+    if "architectures" not in values:
+        gigajax_run = " (it is a gigajax run's config: `convert to-hf` exports a run)" if (
+            "model" in values and "train" in values) else ""
+        raise ConfigError(f"{hf_dir} is not a Hugging Face model directory: its config.json "
+                          f"has no `architectures`{gigajax_run}.")
     return values
 
 
