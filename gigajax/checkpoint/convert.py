@@ -113,7 +113,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
     hf_config = to_hf_config(cfg, dtype, token_ids)
     np_dtype = DTYPES[dtype]
     tensors = list(hf.hf_tensors(found.params, model_cfg, np_dtype))
-    shapes = {name: make_shape for name, make_shape in _hf_shapes(model_cfg)}
+    shapes = dict(_hf_shapes(model_cfg))
     with staging as directory:
         directory.mkdir()
         files = hf.write_safetensors(directory, tensors, shapes, np_dtype, max_bytes)
@@ -262,13 +262,10 @@ class _staging:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.out.exists():
-            old = self.tmp / "replaced"
-            os.replace(self.out, old)
+        if self.out.exists():  # --overwrite: the old output goes into the temporary, removed
+            os.replace(self.out, self.tmp / "replaced")
         os.replace(self.path, self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        del old
 
 
 def _alive(pid: int) -> bool:
