@@ -39,7 +39,7 @@ from gigajax.data.pipeline import data_tokenizer
 from gigajax.data.tokenizer import Tokenizer
 from gigajax.errors import ConfigError, GigajaxError
 from gigajax.eval import benchmark
-from gigajax.infer.choosers import CHOOSERS
+from gigajax.infer.generate import STRATEGIES, GenerateOptions
 from gigajax.infer.generate import generate as _generate
 from gigajax.infer.loading import build_model as _model_around
 from gigajax.infer.loading import load_trained
@@ -198,13 +198,13 @@ class LM:
         return float(nll / count)
 
     def generate(self, prompt: str | Sequence[int] | np.ndarray, max_new_tokens: int = 32, *,
-                 strategy: str = "greedy", stop_at_eos: bool = True) -> str | np.ndarray:
+                 strategy: str = "greedy", stop_at_eos: bool = True, **options: Any
+                 ) -> str | np.ndarray:
         """The continuation of `prompt`: text for a text prompt, ids [N] for ids [T].
-        `strategy` picks the next token (`infer/choosers.py`: greedy)."""
-        if strategy not in CHOOSERS:
-            raise GigajaxError(f"strategy={strategy!r}: choose one of {', '.join(CHOOSERS)}.")
-        if max_new_tokens < 1:
-            raise GigajaxError(f"max_new_tokens={max_new_tokens}: give at least 1.")
+        `strategy`: one of STRATEGIES (`infer/generate.py`); `options`: the other
+        GenerateOptions fields (num_beams, top_k, penalty_alpha, seed, token_healing, ...)."""
+        if strategy not in STRATEGIES:
+            raise GigajaxError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}.")
         ids = self.encode(prompt)
         if ids.ndim != 1:
             raise GigajaxError("generate takes one prompt ([T] ids or a text).")
@@ -212,9 +212,10 @@ class LM:
         if len(ids) + max_new_tokens > longest:
             raise GigajaxError(f"the prompt ({len(ids)} tokens) and max_new_tokens="
                                f"{max_new_tokens} exceed model.max_seq_len={longest}.")
-        eos = self.tokenizer.eos_id if stop_at_eos else None
-        out = _generate(self.model, ids, max_new_tokens, eos_id=eos, choose=CHOOSERS[strategy])
-        return self.tokenizer.decode(out) if isinstance(prompt, str) else out
+        opts = GenerateOptions(strategy=strategy, max_new_tokens=max_new_tokens, **options)
+        stops = [self.tokenizer.eos_id] if stop_at_eos else []
+        out = _generate(self.model, [ids], opts, tokenizer=self.tokenizer, stop_ids=stops)[0]
+        return out.text if isinstance(prompt, str) else out.tokens
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str = "float32",

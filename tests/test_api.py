@@ -109,8 +109,8 @@ def test_lm_refuses_what_it_cannot_do(tmp_path):
     gigajax.train(gigajax.load_config(TINY, **{**QUICK, "train.steps": 1}), tmp_path,
                   progress=False)
     lm = gigajax.load(tmp_path)
-    with pytest.raises(GigajaxError, match="strategy='beam'"):
-        lm.generate("x", 4, strategy="beam")
+    with pytest.raises(GigajaxError, match="strategy='nucleus'"):
+        lm.generate("x", 4, strategy="nucleus")
     with pytest.raises(GigajaxError, match="model.max_seq_len=128"):
         lm.generate("x" * 120, 16)
     with pytest.raises(GigajaxError, match=r"\[0, 384\)"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -61,6 +62,11 @@ class Tokenizer(Protocol):
         """Token ids -> text, dropping special tokens."""
         ...
 
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each id stands for in decoded text (b"" for specials): what token
+        healing matches against the prompt's text."""
+        ...
+
 
 def _special_ids(tok: Tokenizer) -> set[int]:
     """The ids `decode` drops."""
@@ -96,6 +102,10 @@ class ByteTokenizer:
         ids = np.asarray(ids)
         data = ids[(ids >= 0) & (ids < self.num_bytes)].astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> list[bytes]:
+        """Byte i for ids below 256; specials b""."""
+        return [bytes([i]) for i in range(self.num_bytes)] + [b""] * (self.vocab_size - 256)
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -162,6 +172,17 @@ class HFTokenizer:
         ids = [int(i) for i in np.asarray(ids).ravel() if int(i) not in self._specials]
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes: a byte-level BPE's alphabet mapped back to bytes (GPT-2's
+        table), else SentencePiece-style pieces ("▁" a space, "<0x0A>" a byte)."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in [decoder, *decoder.get("decoders", [])]}
+        pieces = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+        added = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        out = [_byte_level_bytes(p) if "ByteLevel" in kinds else _piece_bytes(p)
+               for p in pieces]
+        return [b"" if i in self._specials or i in added else b for i, b in enumerate(out)]
+
     def __reduce__(self):  # to worker processes: reload by path (cached there)
         return get_tokenizer, (self.spec,)
 
@@ -216,6 +237,13 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in np.asarray(ids).ravel()
                                 if int(i) not in self._specials])
 
+    def token_bytes(self) -> list[bytes]:
+        """Each piece's bytes ("▁" a space, byte pieces "<0x0A>" their byte); control and
+        unknown pieces b""."""
+        sp = self._sp
+        return [b"" if sp.is_control(i) or sp.is_unknown(i) or i in self._specials
+                else _piece_bytes(sp.id_to_piece(i)) for i in range(self.vocab_size)]
+
     def __reduce__(self):
         return get_tokenizer, (self.spec,)
 
@@ -225,6 +253,32 @@ class SentencePieceTokenizer:
 
 _BYTE = ByteTokenizer()
 _KINDS = {".json": HFTokenizer, ".model": SentencePieceTokenizer}
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each
+    byte (bytes that print as themselves keep their code; the others take 256, 257, ...)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return table
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """A byte-level BPE token's bytes (an added token not in the alphabet: its UTF-8)."""
+    table = _byte_level_table()
+    if all(ch in table for ch in token):
+        return bytes(table[ch] for ch in token)
+    return token.encode("utf-8")
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece's bytes: "<0xNN>" is byte NN, "▁" a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,85 +1,203 @@
-"""Generation with a KV cache: a prefill of the prompt, then one token per step, each token
-picked by a chooser (`choosers.py`: greedy today).
+"""Generation from prompts: the options a user picks, checked; prompts left-padded into one
+batch; the compiled loop (`loop.py`) run in one piece, or a segment of tokens at a time when
+text is streamed or stop strings are watched; the results cut at their stops.
 
-The prompt is prefilled in chunks of at most `prefill_chunk` tokens (attention memory grows with
-chunk x cache length, not prompt length squared); the last chunk is moved back to end at the
-prompt's end, recomputing a few cached tokens (the same keys and values, written again), so
-every chunk has one shape. Two compiled programs per (batch, cache length, chooser): a chunk and
-one token; the cache index is a traced scalar and the step is jitted once per module (the graph
-definition and the chooser are static arguments), so repeated calls and long generations do not
-recompile. One device; the model's own layers (`Decoder.decode`).
+    outs = generate(model, [ids_a, ids_b], GenerateOptions(strategy="beam", num_beams=4))
+
+Stop tokens end a row inside the loop; stop strings are matched on the decoded text between
+segments (every `segment` tokens), and the row is cut at the token that completes one. Beam
+search cuts its best hypothesis at a stop string once it has finished.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gigajax.infer.choosers import Chooser, greedy
+from gigajax.data.tokenizer import Tokenizer
+from gigajax.errors import GigajaxError
+from gigajax.infer import loop
+from gigajax.infer.beam import BeamSearch
+from gigajax.infer.contrastive import ContrastiveSearch
+from gigajax.infer.healing import allowed_tables, back_up
+from gigajax.infer.sampling import Sampling
 from gigajax.model import Decoder
 
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array,
-                 cache: dict[str, jax.Array], index: jax.Array, choose: Chooser
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The chosen next token [B] after `tokens_BT` at cache slots [index, index+T), and the
-    updated cache."""
-    logits_BTV, cache = nnx.merge(graphdef, state).decode(tokens_BT, cache, index)
-    return choose(logits_BTV[:, -1]), cache
+STRATEGIES = ("greedy", "sample", "beam", "contrastive")
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: fewer distinct programs
 
 
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, prompts_BT: jax.Array,
-             cache: dict[str, jax.Array], chunk: int, choose: Chooser
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Fill the cache with the prompts in chunks; the chosen token after the last one [B]."""
-    T = prompts_BT.shape[1]
-    chunk = min(chunk, T)
-    for start in range(0, T, chunk):
-        start = min(start, T - chunk)  # the last chunk ends at T (recomputing some slots)
-        token_B, cache = _decode_step(graphdef, state, prompts_BT[:, start:start + chunk],
-                                      cache, jnp.int32(start), choose)
-    return token_B, cache
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """How to continue a prompt; the field names are `gigajax generate`'s flags."""
+
+    strategy: str = "greedy"  # greedy | sample | beam | contrastive
+    max_new_tokens: int = 32
+    sampling: Sampling = Sampling()  # sample: every field; greedy: the repetition penalty
+    seed: int = 0  # sample: the same seed and prompts give the same tokens
+    num_beams: int = 4  # beam
+    length_penalty: float = 1.0  # beam: scores / length ** length_penalty
+    early_stopping: bool | str = False  # beam: True, False or "never" (transformers' meaning)
+    top_k: int = 4  # contrastive: candidates per step
+    penalty_alpha: float = 0.6  # contrastive: weight of the degeneration penalty
+    token_healing: int = 0  # prompt tokens to back up and spell again (0: off)
+    prefill_chunk: int = 512  # prompt tokens per prefill step
+
+    def __post_init__(self) -> None:
+        ints = {"max_new_tokens": 1, "num_beams": 1, "top_k": 1, "token_healing": 0,
+                "prefill_chunk": 1, "seed": 0}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GigajaxError(f"--{_flag(name)} {value!r}: give an integer >= {low}.")
+        if self.strategy not in STRATEGIES:
+            raise GigajaxError(f"--strategy {self.strategy!r}: choose one of "
+                               f"{', '.join(STRATEGIES)}.")
+        if not 0 <= self.penalty_alpha <= 1:
+            raise GigajaxError(f"--penalty-alpha {self.penalty_alpha!r}: give a number in "
+                               "[0, 1] (0 is greedy decoding).")
+        if self.early_stopping not in (True, False, "never"):
+            raise GigajaxError(f"--early-stopping {self.early_stopping!r}: use true, false or "
+                               "never.")
+
+    def strategy_object(self) -> loop.Strategy:
+        """The static strategy the compiled loop runs."""
+        if self.strategy == "sample":
+            return loop.TokenByToken(self.sampling, self.sampling.repetition_penalty)
+        if self.strategy == "beam":
+            return BeamSearch(self.num_beams, float(self.length_penalty), self.early_stopping)
+        if self.strategy == "contrastive":
+            return ContrastiveSearch(self.top_k, float(self.penalty_alpha))
+        return loop.TokenByToken(None, self.sampling.repetition_penalty)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's continuation."""
+
+    tokens: np.ndarray  # generated ids [N'] (a stop token included)
+    stop: str  # "stop token", "stop string" or "length"
+    prompt: np.ndarray  # the prompt as run (token healing backs it up)
+    text: str | None = None  # tokens decoded (with a tokenizer), healed text included
+
+
+def generate(model: Decoder, prompts: Sequence[np.ndarray], options: GenerateOptions, *,
+             tokenizer: Tokenizer | None = None, stop_ids: Sequence[int] = (),
+             stop_strings: Sequence[str] = (), on_text: Callable[[int, str], None] | None = None,
+             segment: int | None = None, rules: tuple | None = None) -> list[Generation]:
+    """The continuations of `prompts` (token ids, any lengths), run as one batch.
+
+    `on_text(row, text)` receives each row's new text every `segment` tokens (default 16
+    when streaming or watching stop strings, else the whole generation in one loop). On a
+    mesh, call inside `jax.set_mesh` with the model's params sharded; `rules` are the
+    activation rules (logical name -> mesh axes, as items).
+    """
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise GigajaxError("give at least one prompt, each at least one token long.")
+    if (stop_strings or options.token_healing or on_text) and tokenizer is None:
+        raise GigajaxError("stop strings, token healing and streaming need the tokenizer.")
+    cfg, N = model.cfg, options.max_new_tokens
+    removed = [b""] * len(prompts)
+    stops = sorted(set(int(i) for i in stop_ids))  # padded with -1 to a multiple of 4 ids
+    stops += [-1] * (-len(stops) % 4 or (0 if stops else 4))
+    ctx: loop.Context = {"stop_ids": jnp.asarray(stops, jnp.int32),
+                         "key": jax.random.key(options.seed)}
+    if options.token_healing:
+        token_bytes = tokenizer.token_bytes()
+        healed = back_up(prompts, token_bytes, options.token_healing)
+        prompts, removed = healed.prompts, healed.removed
+        allowed, token_len, _ = allowed_tables(removed, token_bytes, cfg.vocab_size)
+        ctx.update(allowed=jnp.asarray(allowed), token_len=jnp.asarray(token_len))
+    T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    prompts_BT = np.zeros((len(prompts), T), np.int32)
+    for b, p in enumerate(prompts):
+        prompts_BT[b, T - len(p):] = p
+    ctx["start"] = jnp.asarray([T - len(p) for p in prompts], jnp.int32)
+
+    strategy = options.strategy_object()
+    graphdef, params = nnx.split(model)
+    state = loop.start(params, jnp.asarray(prompts_BT), ctx, graphdef=graphdef,
+                       strategy=strategy, max_new=N, chunk=options.prefill_chunk, rules=rules)
+    watch = Watcher(tokenizer, stop_strings, removed, on_text) if tokenizer else None
+    per_token = not isinstance(strategy, BeamSearch)
+    step = segment or (16 if (on_text or stop_strings) and per_token else N)
+    while True:
+        n = int(state["n"])
+        state = loop.run(params, state, ctx, jnp.int32(min(n + step, N)), graphdef=graphdef,
+                         strategy=strategy, rules=rules)
+        if watch is not None and per_token:
+            state = watch.update(state)
+        if int(state["n"]) >= N or bool(strategy.finished(state)):
+            break
+    tokens_BN, lengths_B = (np.asarray(x) for x in strategy.result(state))
+    outs = []
+    for b, prompt in enumerate(prompts):
+        tokens = tokens_BN[b, :lengths_B[b]]
+        stop = "stop token" if len(tokens) and tokens[-1] in set(stop_ids) else "length"
+        text = None
+        if watch is not None:
+            cut = watch.stop_at(b, tokens)
+            if cut is not None:
+                tokens, stop = tokens[:cut], "stop string"
+            text = watch.text(b, tokens)
+            if on_text and text[watch.shown[b]:]:  # beams at the end; the held-back rest
+                on_text(b, text[watch.shown[b]:])
+        outs.append(Generation(tokens, stop, prompt, text))
+    return outs
+
+
+class Watcher:
+    """Decoded text of the rows as they grow: streamed pieces and stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str],
+                 removed: Sequence[bytes], on_text: Callable[[int, str], None] | None):
+        self.tokenizer, self.stop_strings, self.on_text = tokenizer, list(stop_strings), on_text
+        # healed text is spelled again by the generated tokens: show only what is new
+        self.skip = [len(r.decode("utf-8", errors="replace")) for r in removed]
+        self.shown = [0] * len(removed)
+
+    def text(self, row: int, tokens: np.ndarray) -> str:
+        return self.tokenizer.decode(tokens)[self.skip[row]:]
+
+    def stop_at(self, row: int, tokens: np.ndarray) -> int | None:
+        """The fewest tokens whose text contains a stop string, or None."""
+        if not self.stop_strings or not any(s in self.text(row, tokens)
+                                            for s in self.stop_strings):
+            return None
+        return next(k for k in range(1, len(tokens) + 1)
+                    if any(s in self.text(row, tokens[:k]) for s in self.stop_strings))
+
+    def update(self, state: loop.State) -> loop.State:
+        """Stream each row's new text; stop the rows that reached a stop string."""
+        tokens_BN, lengths_B = np.asarray(state["tokens"]), np.array(state["lengths"])
+        done_B = np.asarray(state["done"]).copy()
+        for b in range(len(lengths_B)):
+            tokens = tokens_BN[b, :lengths_B[b]]
+            cut = None if done_B[b] else self.stop_at(b, tokens)
+            if cut is not None:
+                tokens, done_B[b], lengths_B[b] = tokens[:cut], True, cut
+            if self.on_text:
+                text = self.text(b, tokens)
+                ready = len(text.rstrip("\ufffd"))  # an unfinished UTF-8 character waits
+                if ready > self.shown[b]:
+                    self.on_text(b, text[self.shown[b]:ready])
+                    self.shown[b] = ready
+        return dict(state, done=jnp.asarray(done_B), lengths=jnp.asarray(lengths_B))
 
 
 def generate_batch(model: Decoder, prompts_BT: np.ndarray, max_new_tokens: int,
-                   choose: Chooser = greedy, prefill_chunk: int = 512) -> np.ndarray:
-    """The continuations [B, max_new_tokens] of prompts [B, T] of one length."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    prompts_BT = jnp.asarray(prompts_BT, jnp.int32)
-    B, T = prompts_BT.shape
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(B, T + max_new_tokens)
-    token_B, cache = _prefill(graphdef, state, prompts_BT, cache, prefill_chunk, choose)
-    out = [token_B]
-    for index in range(T, T + max_new_tokens - 1):
-        token_B, cache = _decode_step(graphdef, state, token_B[:, None], cache,
-                                      jnp.int32(index), choose)
-        out.append(token_B)
-    return np.asarray(jnp.stack(out, axis=1), np.int32)
-
-
-def generate(model: Decoder, prompt_ids: np.ndarray, max_new_tokens: int,
-             eos_id: int | None = None, choose: Chooser = greedy, prefill_chunk: int = 512
-             ) -> np.ndarray:
-    """The continuation of `prompt_ids` [T]: up to `max_new_tokens` ids, stopping after
-    `eos_id` if given."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    prompt_1T = jnp.asarray(prompt_ids, jnp.int32)[None]
-    graphdef, state = nnx.split(model)
-    cache = model.init_cache(1, prompt_1T.shape[1] + max_new_tokens)
-    token_1, cache = _prefill(graphdef, state, prompt_1T, cache, prefill_chunk, choose)
-    out = [int(token_1[0])]
-    index = prompt_1T.shape[1]
-    while len(out) < max_new_tokens and (eos_id is None or out[-1] != eos_id):
-        token_1, cache = _decode_step(graphdef, state, token_1[:, None], cache,
-                                      jnp.int32(index), choose)
-        out.append(int(token_1[0]))
-        index += 1
-    return np.asarray(out, np.int32)
+                   prefill_chunk: int = 512) -> np.ndarray:
+    """Greedy continuations [B, max_new_tokens] of prompts [B, T] (no stop token)."""
+    outs = generate(model, list(prompts_BT), GenerateOptions(
+        max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk))
+    return np.stack([o.tokens for o in outs])

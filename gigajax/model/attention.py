@@ -61,19 +61,22 @@ class Attention(nnx.Module):
             q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
         return apply_rope(q_BTHE, cos_BTE, sin_BTE), apply_rope(k_BTKE, cos_BTE, sin_BTE), v_BTKE
 
-    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index):
-        """Attention of T new tokens at cache slots [index, index+T) over the cache (slot j
-        holds position j); returns (output, updated k cache, updated v cache)."""
+    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index, start_B):
+        """Attention of T new tokens at cache slots [index, index+T) over the cache; row b's
+        slot j holds position j - start_B[b], and its slots before start_B[b] (left padding)
+        are masked. Returns (output, updated k cache, updated v cache)."""
         q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE)
         k_BSKE = jax.lax.dynamic_update_slice(k_BSKE, k_BTKE.astype(k_BSKE.dtype),
                                               (0, index, 0, 0))
         v_BSKE = jax.lax.dynamic_update_slice(v_BSKE, v_BTKE.astype(v_BSKE.dtype),
                                               (0, index, 0, 0))
-        B, S = k_BSKE.shape[:2]
-        slots_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
-        filled_BS = (slots_BS < index + x_BTD.shape[1]).astype(jnp.int32)  # 0: empty slot
+        S = k_BSKE.shape[1]
+        slots_1S = jnp.arange(S)[None]
+        filled_BS = ((slots_1S >= start_B[:, None])  # 0: padding or an empty slot
+                     & (slots_1S < index + x_BTD.shape[1])).astype(jnp.int32)
         out_BTHE, _ = reference_attention(
-            q_BTHE, k_BSKE, v_BSKE, q_positions=positions_BT, kv_positions=slots_BS,
+            q_BTHE, k_BSKE, v_BSKE, q_positions=positions_BT,
+            kv_positions=slots_1S - start_B[:, None],
             q_segment_ids=jnp.ones(positions_BT.shape, jnp.int32), kv_segment_ids=filled_BS,
             sliding_window=self.cfg.sliding_window or None)
         out_BTD = jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(x_BTD.dtype))

@@ -28,9 +28,10 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, ("batch", "seq", "embed"))
 
-    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index):
+    def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index, start_B):
         """The block on new tokens with a KV cache (generation); returns (x, k, v)."""
         attn_BTD, k_BSKE, v_BSKE = self.attn.decode(self.attn_norm(x_BTD), cos_BTE, sin_BTE,
-                                                    positions_BT, k_BSKE, v_BSKE, index)
+                                                    positions_BT, k_BSKE, v_BSKE, index,
+                                                    start_B)
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BSKE, v_BSKE

@@ -69,18 +69,35 @@ class Decoder(nnx.Module):
 
     def logits(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
         """Final norm and LM head of `features`: float32 logits [B, T, V]."""
-        x_BTD = self.final_norm(x_BTD)
+        return self.head(self.final_norm(x_BTD))
+
+    def head(self, h_BTD: jnp.ndarray) -> jnp.ndarray:
+        """The LM head on final-normed features: float32 logits [B, T, V]."""
         head_DV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV.astype(x_BTD.dtype),
+        logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV.astype(h_BTD.dtype),
                                 preferred_element_type=jnp.float32)  # the loss is fp32
         return constrain(logits_BTV, ("batch", "inner_seq", "vocab"))
 
-    def decode(self, tokens_BT: jnp.ndarray, cache: dict[str, jnp.ndarray], index: jnp.ndarray
-               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-        """Logits of T new tokens at positions [index, index+T) given the KV cache of the
-        tokens before them; returns (logits [B, T, V], updated cache). `cache` holds `k` and
-        `v`, each [L, B, S, K, E] (`init_cache`). One device, no sequence parallelism."""
-        positions_BT = index + jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    def decode(self, tokens_BT: jnp.ndarray, cache: dict[str, jnp.ndarray], index: jnp.ndarray,
+               start_B: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+        """Logits [B, T, V] of T new tokens at cache slots [index, index+T) given the KV cache
+        of the slots before them, and the updated cache (`decode_features`)."""
+        h_BTD, cache = self.decode_features(tokens_BT, cache, index, start_B)
+        return self.head(h_BTD), cache
+
+    def decode_features(self, tokens_BT: jnp.ndarray, cache: dict[str, jnp.ndarray],
+                        index: jnp.ndarray, start_B: jnp.ndarray | None = None
+                        ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+        """Final-normed features [B, T, D] of T new tokens at cache slots [index, index+T), and
+        the updated cache (`init_cache`: k and v [L, B, S, K, E]).
+
+        Row b's tokens start at slot `start_B[b]` (default 0): the slots before it are left
+        padding, never attended to, and slot j holds position j - start_B[b]. No sequence
+        parallelism; on a mesh, GSPMD follows the weights' and the cache's shardings.
+        """
+        B, T = tokens_BT.shape
+        start_B = jnp.zeros((B,), jnp.int32) if start_B is None else start_B
+        positions_BT = index + jnp.arange(T)[None] - start_B[:, None]
         x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
         graphdef, stacked_state = nnx.split(self.blocks)
 
@@ -88,17 +105,19 @@ class Decoder(nnx.Module):
             layer_state, k_BSKE, v_BSKE = xs
             block = nnx.merge(graphdef, layer_state)
             x_BTD, k_BSKE, v_BSKE = block.decode(x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE,
-                                                 v_BSKE, index)
+                                                 v_BSKE, index, start_B)
             return x_BTD, (k_BSKE, v_BSKE)
 
         x_BTD, (k, v) = jax.lax.scan(one_block, x_BTD, (stacked_state, cache["k"], cache["v"]))
-        return self.logits(x_BTD), {"k": k, "v": v}
+        return self.final_norm(x_BTD), {"k": k, "v": v}
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, jnp.ndarray]:
-        """An empty KV cache for `max_len` positions: k and v [L, B, max_len, K, E]."""
+        """An empty KV cache for `max_len` positions: k and v [L, B, max_len, K, E], kv heads
+        sharded as the k/v projections are (on a mesh)."""
         cfg = self.cfg
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+        names = ("layers", "batch", None, "kv_heads", "head_dim")
+        return {name: constrain(jnp.zeros(shape, cfg.dtype), names) for name in ("k", "v")}
 
     def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT):
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
