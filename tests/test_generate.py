@@ -16,6 +16,7 @@ from gigajax.data.tokenizer import ByteTokenizer
 from gigajax.infer.generate import GenerateOptions, generate, generate_batch
 from gigajax.infer.sampling import Sampling, filtered_logits
 from gigajax.model import Decoder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TOL = 1e-5
