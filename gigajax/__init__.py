@@ -1,7 +1,8 @@
 """gigajax: long-context LLaMA-style decoder training in JAX/Flax on named mesh axes.
 
 The public API (`gigajax/api.py`, documented in docs/api.md): `load_config`, `validate`,
-`simulate_cpu_devices`, `train` -> `Run`, `load` -> `LM`, `from_hf`, `to_hf`, `build_model`,
+`simulate_cpu_devices`, `train` -> `Run`, `load` -> `LM`, `from_hf`, `to_hf`, `merge_lora`,
+`build_model`,
 `plan`, `advise`, `check_layouts`, `eval_passkey`, and the model class `Decoder`. Errors a
 user can fix are `GigajaxError`s.
 
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 _FROM = {"Decoder": "gigajax.model",
          **{name: "gigajax.api" for name in (
              "LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "from_hf",
-             "load", "load_config", "plan", "simulate_cpu_devices", "to_hf", "train",
+             "load", "load_config", "merge_lora", "plan", "simulate_cpu_devices", "to_hf", "train",
              "validate")}}
 
 __all__ = ["ConfigError", "DataError", "GigajaxError", *sorted(_FROM)]

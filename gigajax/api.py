@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from rich.console import Console
 
 from gigajax.checkpoint import convert
+from gigajax.checkpoint import params as _params
 from gigajax.checkpoint.params import saved_config
 from gigajax.config import apply_overrides, fixed_device_count
 from gigajax.config import load_config as _load_config
@@ -57,7 +58,8 @@ from gigajax.train.state import layout_for
 from gigajax.train.workdir import check_workdir
 
 __all__ = ["LM", "Run", "advise", "build_model", "check_layouts", "eval_passkey", "from_hf",
-           "load", "load_config", "plan", "simulate_cpu_devices", "to_hf", "train", "validate"]
+           "load", "load_config", "merge_lora", "plan", "simulate_cpu_devices", "to_hf", "train",
+           "validate"]
 
 ConfigLike = str | Path | Mapping[str, Any] | ml_collections.ConfigDict
 
@@ -234,6 +236,14 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "bfloat16",
     """Write a checkpoint (workdir, step or params directory) as a Hugging Face model directory
     that `transformers` loads with no gigajax code, what `gigajax convert to-hf` does."""
     return convert.to_hf(checkpoint, out, dtype, max_shard_size, overwrite, step)
+
+
+def merge_lora(checkpoint: str | Path, out: str | Path, *, step: int | None = None,
+               dtype: str = "float32") -> dict[str, Any]:
+    """Merge a LoRA run's adapters into its weights (W + alpha/R A B) and write a params
+    checkpoint of the plain model at `out` (LoRA off in its config), what `gigajax ckpt
+    merge-lora` does; `load`, `train.init_from` and `to_hf` take it. Returns what was written."""
+    return _params.merge_lora(checkpoint, out, step, dtype)
 
 
 def load(checkpoint: str | Path, *overrides: str, step: int | None = None, **named: Any) -> LM:

@@ -74,6 +74,14 @@ BAD = [
     ("data.tokenizer=gpt2", "data.tokenizer"),
     ("model.vocab_size=200", "model.vocab_size"),
     ("model.rope_scaling.original_max_seq_len=-2", "model.rope_scaling.original_max_seq_len"),
+    ("model.lora.rank=-1", "model.lora.rank"),
+    ("model.lora.alpha=0", "model.lora.alpha"),
+    ("model.lora.dropout=1", "model.lora.dropout"),
+    ("model.lora.dropout=-0.1", "model.lora.dropout"),
+    ("model.lora.targets=", "model.lora.targets"),  # names no projection
+    ("model.lora.targets=q,x", "model.lora.targets"),
+    ("model.lora.targets=attn", "model.lora.targets"),
+    ("model.lora.targets=' , '", "model.lora.targets"),
 ]
 
 
@@ -94,6 +102,25 @@ def test_bad_overrides_are_explained(override, expected):
     cfg = base_config()
     with pytest.raises(ConfigError, match=expected):
         apply_overrides(cfg, [override])
+
+
+def test_lora_errors_are_one_line_naming_the_allowed_projections():
+    with pytest.raises(ConfigError) as error:
+        gigajax.load_config(TINY, "--config.model.lora.targets=q,x")
+    assert "\n" not in str(error.value) and "q, k, v, o, gate, up, down" in str(error.value)
+    assert "attention, mlp, all" in str(error.value)
+
+
+def test_lora_targets_take_projections_and_shorthands_in_model_order():
+    def targets(text):
+        return ModelConfig.from_config(load_config(TINY, [
+            "--config.model.lora.rank=4", f"--config.model.lora.targets={text}"])).lora.targets
+
+    assert targets("v,q") == ("q", "v")
+    assert targets("attention,up") == ("q", "k", "v", "o", "up")
+    assert targets("mlp") == ("gate", "up", "down")
+    assert targets("all") == ("q", "k", "v", "o", "gate", "up", "down")
+    assert ModelConfig.from_config(load_config(TINY)).lora.rank == 0  # off by default
 
 
 def test_missing_config_file():

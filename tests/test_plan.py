@@ -64,6 +64,30 @@ def test_state_bytes_equal_the_real_shards(overrides):
     assert predicted["optimizer"] == per_device(abstract["opt_state"])
 
 
+def test_lora_state_bytes_are_the_adapters_gradients_and_moments_only():
+    """LoRA on fsdp=2 x tensor=4: parameters are every weight's shards, gradients the adapters'
+    shards alone, optimizer state exactly the train state's (the adapters' moments)."""
+    cfg = load_config(TINY, ["--config.mesh.data=1", "--config.mesh.fsdp=2",
+                             "--config.mesh.tensor=4", "--config.model.lora.rank=8"])
+    mesh = make_mesh(cfg.mesh, attention_cfg=cfg.attention)
+    with jax.set_mesh(mesh):
+        abstract = build_training(cfg, mesh).state.abstract
+
+    def per_device(leaves) -> int:
+        return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in leaves)
+
+    flat = jax.tree_util.tree_leaves_with_path(abstract["params"])
+    adapters = [x for path, x in flat if any("_lora" in str(k) for k in path)]
+    predicted = memory.state_bytes(cfg, mesh_axis_sizes(cfg.mesh, 8, cfg.attention))
+    full = memory.state_bytes(load_config(TINY, ["--config.mesh.data=1", "--config.mesh.fsdp=2",
+                                                 "--config.mesh.tensor=4"]),
+                              mesh_axis_sizes(cfg.mesh, 8, cfg.attention))
+    assert predicted["params"] == per_device(jax.tree.leaves(abstract["params"]))
+    assert predicted["grads"] == per_device(adapters) < full["grads"] / 4
+    assert predicted["optimizer"] == per_device(jax.tree.leaves(abstract["opt_state"]))
+    assert predicted["params"] - full["params"] == predicted["grads"]  # base + adapters
+
+
 def sized(*overrides):
     cfg = load_config(TINY, ["--config.mesh.data=1", *overrides])
     return cfg, mesh_axis_sizes(cfg.mesh, math.prod(cfg.mesh[a] for a in cfg.mesh),

@@ -24,7 +24,7 @@ import numpy as np
 from gigajax.checkpoint import hf
 from gigajax.checkpoint.hf import check_tokenizer, hf_model_config
 from gigajax.checkpoint.manager import ALLOW_UNVERIFIED, to_stderr, write_checksums
-from gigajax.checkpoint.params import DTYPES, read_params, save_params
+from gigajax.checkpoint.params import DTYPES, merged_lora, read_params, save_params
 from gigajax.config import ModelConfig, config_from_dict
 from gigajax.config.hf import architecture, read_hf_config, to_hf_config
 from gigajax.data.pipeline import data_tokenizer
@@ -91,7 +91,8 @@ def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
           ) -> dict[str, Any]:
     """Write the params of `checkpoint` (workdir, step or params directory, or an HF directory)
     as an HF model directory that `transformers` loads with no gigajax code: config.json (with
-    the run's RoPE scaling), safetensors shards with an index, the tokenizer files. `log` gets
+    the run's RoPE scaling), safetensors shards with an index, the tokenizer files; a LoRA
+    run's adapters merged into their weights. `log` gets
     warnings, `report` a one-line summary."""
     start = time.perf_counter()
     _check_dtype(dtype)
@@ -103,6 +104,9 @@ def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
     if found.config is None:
         raise GigajaxError(f"{found.path} holds no config: cannot tell which model it is.")
     cfg = config_from_dict(found.config)
+    if cfg.model.lora.rank:  # a LoRA run: HF gets the merged weights (W + alpha/R A B)
+        found.params, merged_config = merged_lora(found.params, found.config, found.path)
+        cfg = config_from_dict(merged_config)
     model_cfg = ModelConfig.from_config(cfg)
     tok = _run_tokenizer(cfg, log)
     token_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}

@@ -1,4 +1,5 @@
-"""Offline checkpoint tools: average the parameters of several steps, export params for inference.
+"""Offline checkpoint tools: average the parameters of several steps, export params for inference,
+merge a LoRA run's adapters into its base weights.
 
 Both read only the `params` subtree of `<workdir>/checkpoints/<step>/state` (Orbax partial restore
 into host numpy arrays, structure from the checkpoint's own metadata): no model config, no mesh,
@@ -40,9 +41,10 @@ from gigajax.checkpoint.manager import (
     tree_shapes,
     write_checksums,
 )
-from gigajax.config import ModelConfig
+from gigajax.config import ModelConfig, config_from_dict
 from gigajax.config.hf import is_hf_dir
 from gigajax.errors import GigajaxError
+from gigajax.model import lora
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 FORMAT = "gigajax-params-v1"
@@ -268,6 +270,42 @@ def average(workdir: str | Path, steps: list[int], out: str | Path,
     mean = jax.tree.map(lambda s: (s / np.float32(len(steps))).astype(DTYPES[dtype]), total)
     return _report(save_params(out, mean, _meta(first_meta, steps, dtype, mean, "average")),
                    start)
+
+
+def merged_lora(params: dict, config: dict | None, source: str | Path) -> tuple[dict, dict]:
+    """(params with every LoRA adapter merged into its weight, the config with LoRA off) of a
+    LoRA run's params and saved config; a GigajaxError when there is nothing to merge."""
+    cfg = config_from_dict(config or {})
+    if config is None or not cfg.model.lora.rank or not lora.has_adapters(params):
+        raise GigajaxError(f"{source} holds no LoRA adapters (its config has model.lora.rank="
+                           f"{cfg.model.lora.rank}): there is nothing to merge; `gigajax ckpt "
+                           "export` writes its params as they are.")
+    merged = lora.merge(params, ModelConfig.from_config(cfg))
+    cfg.model.lora.rank = 0
+    return merged, cfg.to_dict()
+
+
+def merge_lora(checkpoint: str | Path, out: str | Path, step: int | None = None,
+               dtype: str = "float32", require_checksums: bool = True,
+               log: Callable[[str], None] = to_stderr, allow_hint: str = ALLOW_UNVERIFIED
+               ) -> dict:
+    """The params of a LoRA run's checkpoint (workdir, step or params directory) with the
+    adapters merged, W + (alpha / R) A B in float32, then cast to `dtype`, as a params
+    checkpoint whose config has LoRA off: a plain model for `load`, `train.init_from` and
+    `convert to-hf`."""
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise GigajaxError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}.")
+    if Path(out).exists():
+        raise GigajaxError(f"--out {Path(out).absolute()} already exists: choose a new "
+                           "directory.")
+    found = read_params(checkpoint, step, require_checksums=require_checksums, log=log,
+                        allow_hint=allow_hint)
+    merged, config = merged_lora(found.params, found.config, found.path)
+    merged = jax.tree.map(lambda x: np.asarray(x).astype(DTYPES[dtype]), merged)
+    steps = [found.step] if found.step is not None else []
+    meta = _meta({"config": config}, steps, dtype, merged, "merge-lora")
+    return _report(save_params(out, merged, meta), start)
 
 
 def _report(written: dict, start: float) -> dict:

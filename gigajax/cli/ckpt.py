@@ -1,4 +1,5 @@
-"""`gigajax ckpt ...` subcommands: average (weights of several steps), export (params only)."""
+"""`gigajax ckpt ...` subcommands: average (weights of several steps), export (params only),
+merge-lora (a LoRA run's adapters merged into its weights)."""
 
 from __future__ import annotations
 
@@ -46,11 +47,17 @@ def _export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _merge_lora(args: argparse.Namespace, rest: list[str]) -> int:
+    no_extra(rest, "ckpt")
+    params.merge_lora(args.checkpoint, args.out, args.step, args.dtype, **_checksum_policy(args))
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `gigajax ckpt` and its subcommands; each sets `handler(args, rest) -> exit code`."""
     ckpt = commands.add_parser(
-        "ckpt", help="checkpoint tools: average, export",
-        description="Tools over a run's checkpoints (<workdir>/checkpoints/<step>/). Both write a "
+        "ckpt", help="checkpoint tools: average, export, merge-lora",
+        description="Tools over a run's checkpoints (<workdir>/checkpoints/<step>/). Each writes a "
                     "params-only checkpoint that `gigajax.checkpoint.params.load_params` reads.")
     tools = ckpt.add_subparsers(dest="ckpt_command", required=True)
     average = tools.add_parser(
@@ -73,3 +80,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     _add_checksum_flag(export)
     export.set_defaults(handler=_export)
+    merge = tools.add_parser(
+        "merge-lora", help="a LoRA run's adapters merged into its weights",
+        description="Write the params of a LoRA run's checkpoint with every adapter merged into "
+                    "its weight (W + alpha/rank A B, float32) and removed, and its config with "
+                    "model.lora.rank=0: a plain model for load, train.init_from, convert to-hf.")
+    merge.add_argument("--checkpoint", required=True,
+                       help="a LoRA run's workdir, step directory or params checkpoint")
+    merge.add_argument("--step", type=int, help="which checkpoint of a workdir (default: latest)")
+    merge.add_argument("--out", required=True, help="new directory for the merged params")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    _add_checksum_flag(merge)
+    merge.set_defaults(handler=_merge_lora)

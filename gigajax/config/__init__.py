@@ -9,6 +9,7 @@ from gigajax.config.load import (
     parse_value,
 )
 from gigajax.config.schema import (
+    LoRAConfig,
     ModelConfig,
     RopeScaling,
     base_config,
@@ -19,6 +20,6 @@ from gigajax.config.schema import (
 )
 from gigajax.config.validate import validate
 
-__all__ = ["ModelConfig", "RopeScaling", "apply_override", "apply_overrides", "base_config",
-           "compute_dtype", "config_from_dict", "fixed_device_count", "head_dim", "load_config",
-           "parse_value", "validate", "warmup_steps"]
+__all__ = ["LoRAConfig", "ModelConfig", "RopeScaling", "apply_override", "apply_overrides",
+           "base_config", "compute_dtype", "config_from_dict", "fixed_device_count", "head_dim",
+           "load_config", "parse_value", "validate", "warmup_steps"]

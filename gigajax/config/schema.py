@@ -15,6 +15,8 @@ import math
 
 import ml_collections
 
+from gigajax.errors import ConfigError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPU/TPU, float32 on CPU
 # as `transformers` defines each (modeling_rope_utils.py); model/rope.py says the formulas
 ROPE_SCALINGS = ("none", "linear", "yarn", "llama3", "dynamic")
@@ -29,6 +31,10 @@ NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 MOMENT_DTYPES = ("float32", "bfloat16")
+# LoRA targets (model/lora.py): the projections, and shorthands for groups of them
+LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
+               "all": LORA_PROJECTIONS}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="auto",  # compute dtype (auto: bf16 on accelerators, fp32 on CPU); params fp32
         scan_layers=True,
         remat="none",  # none | full | dots | minimal
+        # LoRA (Hu et al. 2021, model/lora.py): rank 0 = off; > 0 adds x A B * alpha / rank to
+        # each projection named in `targets` (q,k,v,o,gate,up,down, or attention | mlp | all,
+        # comma-separated) and trains only the adapters; dropout on the adapters' input
+        lora=dict(rank=0, alpha=16.0, dropout=0.0, targets="all"),
     )
     # sequence parallelism over mesh.sequence (see gigajax/ops/ring.py, ulysses.py, layouts.py):
     # sp_impl ring | ulysses | hybrid (Ulysses degree `ulysses_degree` inside a ring);
@@ -129,6 +139,42 @@ class RopeScaling:
                       for name, v in values.items()})
 
 
+def lora_targets(text: str) -> tuple[str, ...]:
+    """`model.lora.targets` ('q,v', 'attention,up', 'all') as projection names in model order;
+    ConfigError naming the field when it names none or an unknown one."""
+    allowed = (f"name projections among {', '.join(LORA_PROJECTIONS)} or the shorthands "
+               f"{', '.join(LORA_GROUPS)}, comma-separated (e.g. 'q,v' or 'all')")
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LORA_PROJECTIONS and n not in LORA_GROUPS]
+    if not names or unknown:
+        raise ConfigError(f"config.model.lora.targets={text!r} is not allowed: {allowed}.")
+    chosen = {p for n in names for p in LORA_GROUPS.get(n, (n,))}
+    return tuple(p for p in LORA_PROJECTIONS if p in chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Typed view of `config.model.lora`; `targets` resolved to projection names."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on the low-rank update (Hu et al. 2021, section 4.1)."""
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> LoRAConfig:
+        lora = model_cfg.lora
+        if not lora.rank:
+            return cls()
+        return cls(rank=lora.rank, alpha=float(lora.alpha), dropout=float(lora.dropout),
+                   targets=lora_targets(lora.targets))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Typed, frozen view of `config.model` (+ attention) that the model code reads."""
@@ -155,6 +201,7 @@ class ModelConfig:
     attention_impl: str
     block_q: int
     block_kv: int
+    lora: LoRAConfig = LoRAConfig()  # rank 0: no adapters
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> ModelConfig:
@@ -168,7 +215,8 @@ class ModelConfig:
             qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings,
             norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=compute_dtype(m.dtype),
             scan_layers=m.scan_layers, remat=m.remat, attention_impl=cfg.attention.impl,
-            block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv)
+            block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv,
+            lora=LoRAConfig.from_config(m))
 
 
 def head_dim(model_cfg: ml_collections.ConfigDict) -> int:

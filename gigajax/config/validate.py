@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from gigajax.config.fields import APPLIES_ONLY, FIELDS, USED_ONLY
-from gigajax.config.schema import MESH_AXES, base_config, head_dim
+from gigajax.config.schema import MESH_AXES, base_config, head_dim, lora_targets
 from gigajax.errors import ConfigError
 
 
@@ -130,6 +130,7 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
             rs.high_freq_factor, f"llama3 needs it > low_freq_factor={rs.low_freq_factor}")
     require(rs.type != "dynamic" or head_dim(m) > 2, "model.head_dim", head_dim(m),
             "dynamic NTK scaling needs a head dimension above 2")
+    lora_targets(m.lora.targets)  # ConfigError naming model.lora.targets
 
 
 def _check_data(cfg: ml_collections.ConfigDict) -> None:

@@ -9,6 +9,7 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.layers import RMSNorm, residual_init, weight_init
+from gigajax.model.lora import project
 from gigajax.model.rope import apply_rope
 from gigajax.ops.attention import reference_attention
 from gigajax.parallel.attention import attention_on_mesh
@@ -17,7 +18,7 @@ from gigajax.parallel.shardings import param
 
 class Attention(nnx.Module):
     """Projections q [D,H,E], k/v [D,K,E], o [H,E,D] (optional q/k/v biases and per-head q/k
-    RMSNorms); RoPE on q and k at global positions."""
+    RMSNorms, LoRA adapters: `model/lora.py`); RoPE on q and k at global positions."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -37,22 +38,28 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None,
+                 dropout_key: jax.Array | None = None) -> jnp.ndarray:
         """Causal attention over the tokens in order: the reference, XLA and cuDNN kernels mask
         by token index (native causal flags), the blockwise kernel and the ring by
         `positions_BT`; the two agree because positions increase within each segment.
+        `dropout_key`: LoRA dropout (training only).
         """
-        q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE)
+        q_BTHE, k_BTKE, v_BTKE = self._qkv(x_BTD, cos_BTE, sin_BTE, dropout_key)
         out_BTHE = attention_on_mesh(q_BTHE, k_BTKE, v_BTKE, positions_BT, segment_ids_BT,
                                      self.cfg)
-        return jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(x_BTD.dtype))
+        return self._out(out_BTHE, dropout_key)
 
-    def _qkv(self, x_BTD, cos_BTE, sin_BTE):
+    def _out(self, out_BTHE, dropout_key=None):
+        """The output projection o [H,E,D] (and its adapter)."""
+        return project(self, "wo", "BTHE,HED->BTD", out_BTHE, dropout_key)
+
+    def _qkv(self, x_BTD, cos_BTE, sin_BTE, dropout_key=None):
         """q, k, v of the tokens, q and k rotated by RoPE at their positions."""
         dtype = x_BTD.dtype
-        q_BTHE = jnp.einsum("BTD,DHE->BTHE", x_BTD, self.wq[...].astype(dtype))
-        k_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wk[...].astype(dtype))
-        v_BTKE = jnp.einsum("BTD,DKE->BTKE", x_BTD, self.wv[...].astype(dtype))
+        q_BTHE = project(self, "wq", "BTD,DHE->BTHE", x_BTD, dropout_key)
+        k_BTKE = project(self, "wk", "BTD,DKE->BTKE", x_BTD, dropout_key)
+        v_BTKE = project(self, "wv", "BTD,DKE->BTKE", x_BTD, dropout_key)
         if self.cfg.qkv_bias:
             q_BTHE = q_BTHE + self.bq[...].astype(dtype)
             k_BTKE = k_BTKE + self.bk[...].astype(dtype)
@@ -79,5 +86,4 @@ class Attention(nnx.Module):
             kv_positions=slots_1S - start_B[:, None],
             q_segment_ids=jnp.ones(positions_BT.shape, jnp.int32), kv_segment_ids=filled_BS,
             sliding_window=self.cfg.sliding_window or None)
-        out_BTD = jnp.einsum("BTHE,HED->BTD", out_BTHE, self.wo[...].astype(x_BTD.dtype))
-        return out_BTD, k_BSKE, v_BSKE
+        return self._out(out_BTHE), k_BSKE, v_BSKE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -22,10 +23,13 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_BTD: jnp.ndarray, cos_BTE: jnp.ndarray, sin_BTE: jnp.ndarray,
-                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None) -> jnp.ndarray:
+                 positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray | None,
+                 dropout_key: jax.Array | None = None) -> jnp.ndarray:
+        """The block; `dropout_key` drives LoRA dropout (training only; each adapter folds in
+        its own salt)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTE, sin_BTE, positions_BT,
-                                  segment_ids_BT)
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+                                  segment_ids_BT, dropout_key)
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), dropout_key)
         return constrain(x_BTD, ("batch", "seq", "embed"))
 
     def decode(self, x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE, v_BSKE, index, start_B):

@@ -9,7 +9,8 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.block import Block
-from gigajax.model.layers import RMSNorm, weight_init
+from gigajax.model.layers import RMSNorm, residual_init, weight_init
+from gigajax.model.lora import add_adapters
 from gigajax.model.remat import remat_block
 from gigajax.model.rope import rope_cos_sin, rope_frequencies
 from gigajax.parallel.shardings import constrain, param, stacked
@@ -26,6 +27,8 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        if cfg.lora.rank:  # last: a seed gives the same base weights with LoRA on or off
+            add_adapters(self.blocks, cfg, {"input": init, "residual": residual_init(cfg)}, rngs)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, seed: int = 0) -> Decoder:
@@ -43,9 +46,11 @@ class Decoder(nnx.Module):
         return self.logits(self.features(tokens_BT, positions_BT, segment_ids_BT))
 
     def features(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
-                 segment_ids_BT: jnp.ndarray | None = None) -> jnp.ndarray:
+                 segment_ids_BT: jnp.ndarray | None = None,
+                 dropout_key: jax.Array | None = None) -> jnp.ndarray:
         """The last block's output [B, T, D] (compute dtype), before the final norm and head:
-        a chunked loss applies `logits` to a slice of tokens at a time."""
+        a chunked loss applies `logits` to a slice of tokens at a time. `dropout_key`: LoRA
+        dropout, in training only (None: off)."""
         if positions_BT is None:
             mesh = jax.sharding.get_abstract_mesh()
             if not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1:
@@ -53,7 +58,8 @@ class Decoder(nnx.Module):
                                  "pass positions_BT, permuted with them (the batch's positions)")
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
-        return self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+        return self._run_blocks(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT,
+                                dropout_key)
 
     def _embed(self, tokens_BT, positions_BT):
         """Token embeddings in the compute dtype, and RoPE's cos/sin at the positions."""
@@ -119,24 +125,30 @@ class Decoder(nnx.Module):
         names = ("layers", "batch", None, "kv_heads", "head_dim")
         return {name: constrain(jnp.zeros(shape, cfg.dtype), names) for name in ("k", "v")}
 
-    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT):
-        """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy."""
+    def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT,
+                    dropout_key=None):
+        """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy;
+        a dropout key is split into one per layer, scanned with the layer's weights."""
         graphdef, stacked_state = nnx.split(self.blocks)
+        keys_L = None if dropout_key is None else jax.random.split(dropout_key,
+                                                                   self.cfg.n_layers)
 
         # positions and segment ids ride in the scan carry, unchanged: as loop-invariant
         # constants, scan's partial evaluation would hoist every mask tile the attention
         # kernels derive from them out of the loop and keep them all (quadratic in T).
-        def one_block(carry, layer_state):
+        def one_block(carry, xs):
             x_BTD, positions_BT, segment_ids_BT = carry
+            layer_state, key = xs
             block = nnx.merge(graphdef, layer_state)
-            x_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT)
+            x_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT, key)
             return (x_BTD, positions_BT, segment_ids_BT), None
 
         one_block = remat_block(one_block, self.cfg.remat, self.cfg.scan_layers)
         carry = (x_BTD, positions_BT, segment_ids_BT)
         if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(one_block, carry, stacked_state)
+            carry, _ = jax.lax.scan(one_block, carry, (stacked_state, keys_L))
             return carry[0]
         for i in range(self.cfg.n_layers):
-            carry, _ = one_block(carry, jax.tree.map(lambda a, i=i: a[i], stacked_state))
+            carry, _ = one_block(carry, jax.tree.map(lambda a, i=i: a[i],
+                                                     (stacked_state, keys_L)))
         return carry[0]

@@ -13,6 +13,7 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.decoder import Decoder
+from gigajax.model.lora import is_adapter
 from gigajax.parallel.shardings import abstract_model, logical_specs
 
 
@@ -34,10 +35,17 @@ class Weight:
         return bool(self.names) and self.names[0] == "layers"
 
     @property
+    def is_adapter(self) -> bool:
+        """A LoRA adapter (A or B of `model/lora.py`): trained while the rest is frozen."""
+        return is_adapter(self.path)
+
+    @property
     def is_matrix(self) -> bool:
         """A projection, the embedding or the head: the `embed` dim and another one besides
-        `layers` (biases [H, E] and norms are vectors per layer, not matrices)."""
-        return "embed" in self.names and sum(n != "layers" for n in self.names) >= 2
+        `layers` (biases [H, E] and norms are vectors per layer, not matrices; LoRA adapters
+        are counted on their own)."""
+        return ("embed" in self.names and sum(n != "layers" for n in self.names) >= 2
+                and not self.is_adapter)
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,6 +61,11 @@ def weights(cfg: ModelConfig) -> tuple[Weight, ...]:
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of the decoder."""
     return sum(w.size for w in weights(cfg))
+
+
+def adapter_params(cfg: ModelConfig) -> int:
+    """Parameters of the LoRA adapters (0 without LoRA): what a LoRA run trains."""
+    return sum(w.size for w in weights(cfg) if w.is_adapter)
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -8,6 +8,7 @@ from flax import nnx
 
 from gigajax.config import ModelConfig
 from gigajax.model.layers import residual_init, weight_init
+from gigajax.model.lora import project
 from gigajax.parallel.shardings import constrain, param
 
 
@@ -21,9 +22,9 @@ class SwiGLU(nnx.Module):
         self.w_up = param(rngs, init, (D, F), ("embed", "mlp"))
         self.w_down = param(rngs, out_init, (F, D), ("mlp", "embed"))
 
-    def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
-        dtype = x_BTD.dtype
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate[...].astype(dtype))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up[...].astype(dtype))
+    def __call__(self, x_BTD: jnp.ndarray, dropout_key: jax.Array | None = None) -> jnp.ndarray:
+        """The MLP; each projection with its LoRA adapter if it has one (`model/lora.py`)."""
+        gate_BTF = project(self, "w_gate", "BTD,DF->BTF", x_BTD, dropout_key)
+        up_BTF = project(self, "w_up", "BTD,DF->BTF", x_BTD, dropout_key)
         hidden_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "inner_seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.w_down[...].astype(dtype))
+        return project(self, "w_down", "BTF,FD->BTD", hidden_BTF, dropout_key)

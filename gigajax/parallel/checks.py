@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gigajax.errors import ConfigError, GigajaxError
 from gigajax.ops.layouts import chunks_per_device
 from gigajax.parallel.mesh import sequence_size, sequence_split
-from gigajax.parallel.rules import axes_size, kv_heads_on_tensor
+from gigajax.parallel.rules import LORA_RANK, axes_size, kv_heads_on_tensor
 
 
 def check_sequence_split(seq_len: int, n: int, layout: str, field: str = "data.seq_len") -> None:
@@ -122,8 +122,10 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
 
     Matrices (the `embed` dim and another besides `layers`) must be split over `fsdp` when it is
     > 1 under ZeRO-3, and over `tensor` when it is > 1, except KV projections whose heads
-    `kv_heads_on_tensor` replicates. `logical_specs`: the parameters' logical names
-    (`shardings.logical_specs`), `shardings` their NamedShardings.
+    `kv_heads_on_tensor` replicates and LoRA adapters whose base weight splits over `tensor`
+    only on the dims the adapter does not have (A of q [D, R], B of o [R, D]: rank-wide).
+    `logical_specs`: the parameters' logical names (`shardings.logical_specs`), `shardings`
+    their NamedShardings.
     """
     wanted = [axis for axis in ("fsdp", "tensor") if mesh.shape[axis] > 1
               and (axis != "fsdp" or zero_stage == 3)]
@@ -135,7 +137,8 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
             return  # norms and biases: vectors per layer (the planner counts them replicated)
         used = set(jax.tree.leaves(tuple(sharding.spec)))
         for axis in wanted:
-            exempt = axis == "tensor" and "kv_heads" in names and kv_replicated
+            exempt = axis == "tensor" and (("kv_heads" in names and kv_replicated)
+                                           or LORA_RANK in names)
             if axis not in used and not exempt:
                 missing.append(f"{path_name(path)} {tuple(names)} is not split over `{axis}`")
 

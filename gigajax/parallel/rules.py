@@ -1,8 +1,10 @@
 """Logical axis names -> mesh axes: one rule table per kind of array, per layout.
 
 Every parameter is created with logical names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
-`vocab`, `layers`) and every activation constraint uses (`batch`, `seq`, `inner_seq`, `embed`,
-`heads`, `kv_heads`, `mlp`, `vocab`). A `Layout` holds one rule table each for parameters,
+`vocab`, `layers`; LoRA adapters add `lora_rank`, which no table maps: their rank dim is
+replicated and their other dims shard like their base weight's) and every activation
+constraint uses (`batch`, `seq`, `inner_seq`, `embed`, `heads`, `kv_heads`, `mlp`, `vocab`).
+A `Layout` holds one rule table each for parameters,
 optimizer state and activations; data parallel, FSDP (ZeRO-3), ZeRO-1, Megatron tensor and
 sequence parallelism and their combinations are all rule tables built by `make_layout`, so a
 layout is a config change, never a model change.
@@ -25,6 +27,7 @@ from gigajax.errors import ConfigError
 from gigajax.parallel.mesh import SEQUENCE_AXES
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
+LORA_RANK = "lora_rank"  # the rank dim of a LoRA adapter: in no rule table, so replicated
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,10 @@ from gigajax.parallel.rules import DATA_PARALLEL, Rules, logical_to_mesh
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: tuple[str, ...],
-          dtype: Any = jnp.float32) -> nnx.Param:
+          dtype: Any = jnp.float32, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
     """A float32 parameter carrying its logical axis names (placed by the caller's layout, not
-    at creation: `eager_sharding=False`)."""
-    return nnx.Param(nnx.with_partitioning(init, names, eager_sharding=False)(
+    at creation: `eager_sharding=False`); `kind` nnx.LoRAParam marks a LoRA adapter."""
+    return kind(nnx.with_partitioning(init, names, eager_sharding=False)(
         rngs.params(), shape, dtype))
 
 

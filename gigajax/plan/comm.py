@@ -44,13 +44,16 @@ def layer_comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]
     dp_like = sizes.get("data", 1) * ring * u
     out: dict[str, dict[str, float]] = {}
     for block in ("attention", "mlp"):
-        grads = sum(nbytes(shard_shape(w.shape[1:], w.names[1:], layout.params, sizes),
-                           jnp.float32) for w in weights(m) if block_of(w) == block)
+        sizes_of = {w: nbytes(shard_shape(w.shape[1:], w.names[1:], layout.params, sizes),
+                              jnp.float32) for w in weights(m) if block_of(w) == block}
+        params = sum(sizes_of.values())  # under LoRA only the adapters have gradients
+        grads = sum(n for w, n in sizes_of.items() if w.is_adapter or not m.lora.rank)
         sent: dict[str, float] = {}
         if f > 1:
             zero3 = cfg.sharding.zero_stage == 3
             gathers = 2 * cfg.train.microbatches if zero3 else 1
-            sent["fsdp"] = (f - 1) / f * grads * (f if zero3 else 1) * (gathers + 1)
+            gathered = params * f * gathers if zero3 else grads  # ZeRO-1: updated params
+            sent["fsdp"] = (f - 1) / f * (gathered + grads * (f if zero3 else 1))
         if dp_like > 1:
             sent["data+sequence"] = 2 * (dp_like - 1) / dp_like * grads
         if t > 1:
@@ -70,18 +73,20 @@ def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict
 
     data (+ sequence): gradient all-reduce. fsdp: ZeRO-3 all-gathers the parameters for the
     forward and again for the backward and reduce-scatters the gradients (ZeRO-1: reduce-scatter
-    gradients, all-gather updated parameters). tensor, sequence (ring) and ulysses: the
+    gradients, all-gather updated parameters); under LoRA the gradients and updates are the
+    adapters' only. tensor, sequence (ring) and ulysses: the
     activation traffic of `layer_comm_bytes`, times the layers.
     """
     m = ModelConfig.from_config(cfg)
     state = state_bytes(cfg, sizes)
-    grads_unsharded_over_fsdp = state["grads"] * (sizes.get("fsdp", 1)
-                                                  if cfg.sharding.zero_stage == 3 else 1)
-    out: dict[str, int] = {}
     f = sizes.get("fsdp", 1)
-    if f > 1:
-        gathers = 2 * cfg.train.microbatches if cfg.sharding.zero_stage == 3 else 1
-        out["fsdp"] = int((f - 1) / f * grads_unsharded_over_fsdp * (gathers + 1))
+    zero3 = cfg.sharding.zero_stage == 3
+    grads_unsharded_over_fsdp = state["grads"] * (f if zero3 else 1)
+    out: dict[str, int] = {}
+    if f > 1:  # gathered: the parameters under ZeRO-3 (frozen ones too), else the updated ones
+        gathers = 2 * cfg.train.microbatches if zero3 else 1
+        gathered = state["params"] * f if zero3 else grads_unsharded_over_fsdp
+        out["fsdp"] = int((f - 1) / f * (gathered * gathers + grads_unsharded_over_fsdp))
     dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
     if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
         out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])

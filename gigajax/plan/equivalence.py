@@ -29,6 +29,7 @@ from rich.table import Table
 
 from gigajax.data.pipeline import build_datasets, permute_batch
 from gigajax.errors import GigajaxError
+from gigajax.model.lora import combine, trainable_and_frozen
 from gigajax.parallel.mesh import AXES, make_mesh, sequence_permutation
 from gigajax.parallel.multihost import BATCH_SPEC, place_batch
 from gigajax.plan.layouts import Layout, layout_config, layout_name
@@ -49,6 +50,7 @@ class LayoutRun:
     params: Any  # parameters after all steps
     param_change: float  # max_relative_difference(params, initial params): did it train?
     param_specs: dict[str, tuple]  # parameter path -> mesh axes per dim (PartitionSpec)
+    initial: Any = None  # parameters before the first step
 
 
 def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dict[str, np.ndarray]],
@@ -65,12 +67,15 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
         param_shardings = training.state.shardings["params"]
         loss_fn = make_loss_fn(training.state.graphdef, c.train.z_loss,
                                training.layout.activations, c.train.loss_chunks)
+        lora = training.state.lora  # gradients of what trains: the adapters under LoRA
 
         def mean_grads(params, batch):
-            grads, (_, count) = jax.grad(loss_fn, has_aux=True)(params, batch)
+            trainable, frozen = trainable_and_frozen(params, lora)
+            grads, (_, count) = jax.grad(lambda p: loss_fn(combine(p, frozen), batch),
+                                         has_aux=True)(trainable)
             return jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
 
-        grad_fn = jax.jit(mean_grads, out_shardings=param_shardings,
+        grad_fn = jax.jit(mean_grads, out_shardings=training.state.trainable(param_shardings),
                           in_shardings=(param_shardings, NamedSharding(mesh, BATCH_SPEC)))
         perm = sequence_permutation(mesh, c.data.seq_len, c.attention.layout)
         placed = [place_batch(permute_batch(b, perm), mesh, batch_size) for b in batches]
@@ -85,7 +90,7 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
                  jax.tree_util.tree_leaves_with_path(state["params"])}
         params = jax.device_get(state["params"])
         return LayoutRun(layout_name(layout), losses, grad_norms, grads, params,
-                         max_relative_difference(params, initial), specs)
+                         max_relative_difference(params, initial), specs, initial)
 
 
 def max_relative_difference(tree: Any, reference: Any) -> float:

@@ -39,10 +39,17 @@ def state_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dic
     """Per-device bytes of parameters (fp32), gradients (fp32, laid out like the parameters)
     and optimizer state (moments laid out like their parameter under the optimizer rules;
     Adafactor's factored statistics and all counters replicated, as `parallel/shardings.py`
-    places them)."""
+    places them). Under LoRA gradients and optimizer state are the adapters' only: the frozen
+    weights count as parameters alone."""
     layout, model_weights = layout_of(cfg, sizes), weights(ModelConfig.from_config(cfg))
-    params = sum(nbytes(shard_shape(w.shape, w.names, layout.params, sizes), jnp.float32)
-                 for w in model_weights)
+
+    def param_bytes(w: Weight) -> int:
+        return nbytes(shard_shape(w.shape, w.names, layout.params, sizes), jnp.float32)
+
+    params = sum(param_bytes(w) for w in model_weights)
+    if cfg.model.lora.rank:
+        model_weights = tuple(w for w in model_weights if w.is_adapter)
+    grads = sum(param_bytes(w) for w in model_weights)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     abstract = {w.path: jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in model_weights}
     by_path = {w.path: w for w in model_weights}
@@ -58,7 +65,7 @@ def state_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dic
         transform_non_params=lambda leaf: nbytes(leaf.shape, leaf.dtype),  # counters
         is_leaf=lambda x: isinstance(x, Weight))
     optimizer = sum(jax.tree.leaves(sized))
-    return {"params": params, "grads": params, "optimizer": optimizer}
+    return {"params": params, "grads": grads, "optimizer": optimizer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +83,8 @@ class Shape:
     v: int  # vocabulary per device
     sp_t: int  # Megatron-SP divisor of the residual stream (tensor, else 1)
     p: int  # bytes per activation element (compute dtype)
+    lora_r: int = 0  # LoRA: the adapters' rank-R outputs x A of one layer, summed (elements)
+    lora_dropped: int = 0  # LoRA dropout: the adapters' dropped inputs (elements per token)
 
 
 def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Shape:
@@ -85,13 +94,18 @@ def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Sha
     ulysses = sizes.get("ulysses", 1)
     batch = cfg.data.batch_size // cfg.train.microbatches
     kv_local = kv_heads_on_tensor(m.n_kv_heads, t).per_shard
+    heads, f = max(1, m.n_heads // t // ulysses), -(-m.mlp_dim // t)
+    inputs = {"o": heads * m.head_dim, "down": f}  # the others read the normed x (D)
+    targets = m.lora.targets if m.lora.rank else ()
     return Shape(
         b=max(1, batch // (sizes.get("data", 1) * sizes.get("fsdp", 1))),
         s=cfg.data.seq_len // n_sp, s_kv=cfg.data.seq_len, h=m.d_model,
-        heads=max(1, m.n_heads // t // ulysses), kv_heads=max(1, kv_local // ulysses), e=m.head_dim,
-        f=-(-m.mlp_dim // t), v=-(-m.vocab_size // t),
+        heads=heads, kv_heads=max(1, kv_local // ulysses), e=m.head_dim,
+        f=f, v=-(-m.vocab_size // t),
         sp_t=t if cfg.sharding.megatron_sp else 1,
-        p=jnp.dtype(compute_dtype(m.dtype)).itemsize)
+        p=jnp.dtype(compute_dtype(m.dtype)).itemsize,
+        lora_r=m.lora.rank * len(targets),
+        lora_dropped=sum(inputs.get(n, m.d_model) for n in targets) if m.lora.dropout else 0)
 
 
 def layer_activation_bytes(x: Shape, flash: bool) -> int:
@@ -108,9 +122,12 @@ def layer_activation_bytes(x: Shape, flash: bool) -> int:
       3 k e  k before and after RoPE, and v
       6F     gate, up, the three intermediates of silu(gate) and the product
     plus the attention's fp32 logsumexp (4 bytes per head) with flash attention, or the
-    probabilities and scores (2 a s_kv elements) without.
+    probabilities and scores (2 a s_kv elements) without. LoRA adds each adapter's x A (R
+    elements) and, with dropout, its dropped input; the projections' inputs are kept as in
+    full training (the adapters' A needs them), so fewer targets than `all` can keep less.
     """
-    per_token = ((6 * x.h) / x.sp_t + 2 * x.heads * x.e + 3 * x.kv_heads * x.e + 6 * x.f) * x.p
+    per_token = ((6 * x.h) / x.sp_t + 2 * x.heads * x.e + 3 * x.kv_heads * x.e + 6 * x.f
+                 + x.lora_r + x.lora_dropped) * x.p
     per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv * x.p
     return int(x.b * x.s * per_token)
 
@@ -139,7 +156,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
         "none": one,
         "full": layer_input,
         "dots": layer_input + tokens * x.p * (2 * x.h / x.sp_t + x.heads * x.e
-                                              + 2 * x.kv_heads * x.e + 2 * x.f),
+                                              + 2 * x.kv_heads * x.e + 2 * x.f + x.lora_r),
         "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
     }[m.remat]
     working = one  # the backward of one layer (with remat: its recomputed activations)

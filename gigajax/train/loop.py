@@ -64,10 +64,11 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
     state = StateBuilder(cfg, mesh, layout, tx)
     batch = NamedSharding(mesh, BATCH_SPEC)
     replicated = NamedSharding(mesh, PartitionSpec())
-    t = cfg.train
+    t, lora = cfg.train, cfg.model.lora
     train_step = jax.jit(
         make_train_step(state.graphdef, tx, schedule, t.microbatches, t.z_loss,
-                        layout.activations, t.loss_chunks),
+                        layout.activations, t.loss_chunks, lora=state.lora,
+                        dropout_seed=t.seed if state.lora and lora.dropout > 0 else None),
         in_shardings=(state.shardings, batch), out_shardings=(state.shardings, replicated),
         donate_argnums=0)
     eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations, t.loss_chunks),

@@ -13,6 +13,12 @@ state itself would hold a second copy of it until the check is done (+223 MiB, 8
 compiled step of configs/small.py at data=8: docs/design.md). The loop's
 `train.nonfinite` policy decides whether training goes on. The optimizer's own counter, which
 drives the LR schedule, counts applied updates, so its LR is schedule(step - skipped).
+
+Under LoRA (`lora=True`) the parameters split into the adapters, which are differentiated and
+updated, and the frozen rest, which is closed over: no gradient is computed for it, the
+optimizer state holds the adapters only, and it leaves the step as it came in (bitwise; the
+donated buffers alias). LoRA dropout draws its masks from (seed, step, microbatch), so a
+resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gigajax.model.lora import combine, trainable_and_frozen
 from gigajax.ops.loss import chunked_cross_entropy_sums
 from gigajax.parallel.rules import DATA_PARALLEL, Rules
 from gigajax.parallel.shardings import activation_rules
@@ -35,16 +42,18 @@ TrainState = dict[str, Any]
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
                  rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1) -> Callable:
-    """`loss_fn(params, batch) -> (nll_sum + z_sum, (nll_sum, token_count))`.
+    """`loss_fn(params, batch, dropout_key=None) -> (nll_sum + z_sum, (nll_sum, token_count))`.
 
     `rules` are the layout's activation rules, in force while the model is traced;
-    `loss_chunks` > 1 computes the head and loss that many slices of tokens at a time.
+    `loss_chunks` > 1 computes the head and loss that many slices of tokens at a time;
+    `dropout_key` turns LoRA dropout on (training only).
     """
 
-    def loss_fn(params: nnx.State, batch: Batch):
+    def loss_fn(params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
         model = nnx.merge(graphdef, params)
         with activation_rules(rules):
-            x_BTD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+            x_BTD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                   dropout_key)
             nll_sum, z_sum, count = chunked_cross_entropy_sums(
                 x_BTD, model.logits, batch["targets"], batch["loss_mask"], z_loss, loss_chunks)
         return nll_sum + z_sum, (nll_sum, count)
@@ -65,23 +74,33 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
-                    rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1
+                    rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1,
+                    lora: bool = False, dropout_seed: int | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """One optimizer step over a global batch, accumulating `microbatches` gradients by scan."""
-    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss, rules, loss_chunks), has_aux=True)
+    """One optimizer step over a global batch, accumulating `microbatches` gradients by scan.
+
+    `lora`: train the adapters only (module doc); `dropout_seed`: LoRA dropout on, its masks
+    from (seed, step, microbatch)."""
+    loss_fn = make_loss_fn(graphdef, z_loss, rules, loss_chunks)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params = state["params"]
+        params, frozen = trainable_and_frozen(state["params"], lora)
+        grad_fn = jax.grad(lambda p, b, k: loss_fn(combine(p, frozen), b, k), has_aux=True)
+        step_key = (None if dropout_seed is None
+                    else jax.random.fold_in(jax.random.key(dropout_seed), state["step"]))
         if microbatches == 1:
-            grads, (nll_sum, count) = grad_fn(params, batch)
+            grads, (nll_sum, count) = grad_fn(params, batch, step_key)
         else:
-            def accumulate(carry, microbatch):
-                grads, (nll_sum, count) = grad_fn(params, microbatch)
+            def accumulate(carry, xs):
+                microbatch, index = xs
+                key = None if step_key is None else jax.random.fold_in(step_key, index)
+                grads, (nll_sum, count) = grad_fn(params, microbatch, key)
                 return jax.tree.map(jnp.add, carry, (grads, nll_sum, count)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
             (grads, nll_sum, count), _ = jax.lax.scan(
-                accumulate, zeros, split_microbatches(batch, microbatches))
+                accumulate, zeros, (split_microbatches(batch, microbatches),
+                                    jnp.arange(microbatches)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
@@ -94,7 +113,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         new_state = {
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-            "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
+            "params": combine(jax.tree.map(keep_if_bad, optax.apply_updates(params, updates),
+                                           params), frozen),
             "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"])}
         metrics = {"loss": nll_sum / count, "grad_norm": grad_norm,
                    "lr": schedule(state["step"] - state["skipped"]), "tokens": count,
