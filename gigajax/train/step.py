@@ -65,23 +65,33 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
-                    rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1
+                    rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1,
+                    loss_fn: Callable | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """One optimizer step over a global batch, accumulating `microbatches` gradients by scan."""
-    grad_fn = jax.grad(make_loss_fn(graphdef, z_loss, rules, loss_chunks), has_aux=True)
+    """One optimizer step over a global batch, accumulating `microbatches` gradients by scan.
+
+    `loss_fn(params, batch) -> (objective sum, (loss sum, count[, metric sums]))` defaults to
+    the next-token loss (`make_loss_fn`); `train/objectives.py` has DPO's, whose metric sums
+    (a dict) are divided by the count into metrics of the same names.
+    """
+    loss_fn = loss_fn or make_loss_fn(graphdef, z_loss, rules, loss_chunks)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
         if microbatches == 1:
-            grads, (nll_sum, count) = grad_fn(params, batch)
+            grads, aux = grad_fn(params, batch)
         else:
             def accumulate(carry, microbatch):
-                grads, (nll_sum, count) = grad_fn(params, microbatch)
-                return jax.tree.map(jnp.add, carry, (grads, nll_sum, count)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll_sum, count), _ = jax.lax.scan(
-                accumulate, zeros, split_microbatches(batch, microbatches))
+            microbatched = split_microbatches(batch, microbatches)
+            aux_shapes = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0],
+                                                                      microbatched))[1]
+            zeros = (jax.tree.map(jnp.zeros_like, params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+            (grads, aux), _ = jax.lax.scan(accumulate, zeros, microbatched)
+        nll_sum, count, *extra = aux
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
@@ -99,15 +109,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         metrics = {"loss": nll_sum / count, "grad_norm": grad_norm,
                    "lr": schedule(state["step"] - state["skipped"]), "tokens": count,
                    "nonfinite": (~finite).astype(jnp.int32), "skipped": new_state["skipped"]}
+        metrics.update({k: v / count for k, v in (extra[0] if extra else {}).items()})
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rules: Rules = DATA_PARALLEL.activations,
-                   loss_chunks: int = 1) -> Callable[[nnx.State, Batch], tuple]:
-    """`eval_step(params, batch) -> (nll_sum, token_count)`; average over batches on the host."""
-    loss_fn = make_loss_fn(graphdef, rules=rules, loss_chunks=loss_chunks)
+                   loss_chunks: int = 1, loss_fn: Callable | None = None
+                   ) -> Callable[[nnx.State, Batch], tuple]:
+    """`eval_step(params, batch) -> (nll_sum, token_count[, metric sums])`; average over
+    batches on the host. `loss_fn`: as for `make_train_step` (default: the next-token loss
+    without z-loss)."""
+    loss_fn = loss_fn or make_loss_fn(graphdef, rules=rules, loss_chunks=loss_chunks)
 
     def eval_step(params: nnx.State, batch: Batch):
         return loss_fn(params, batch)[1]
