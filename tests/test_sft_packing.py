@@ -105,9 +105,14 @@ def test_no_window_trains_a_response_without_its_whole_prompt(tmp_path):
     assert seen > 40  # segments checked
     cfg.packing = "stream"
     _, stream_ds, _ = pipeline.build_datasets(cfg, seed=0)
-    cut = [seg for step in range(10) for b in range(4)
-           for seg in [stream_ds[step]["segment_ids"][b]] if stream_ds[step]["positions"][b][0]]
-    assert cut  # windows that open mid-example: what whole packing prevents
+    cut = []  # windows whose first segment trains a response cut from its prompt
+    for step in range(10):
+        batch = stream_ds[step]
+        for b in range(4):
+            first = batch["segment_ids"][b] == 1
+            if batch["loss_mask"][b][first].any():
+                cut.append(TOK.decode(batch["inputs"][b][first]) not in examples)
+    assert any(cut)  # what whole packing prevents
     cfg.update(packing="auto", overlong="error")
     with pytest.raises(DataError, match="data.overlong=skip"):
         pipeline.build_datasets(cfg, seed=0)
