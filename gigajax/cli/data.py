@@ -5,6 +5,7 @@ every shard against that manifest.
 
   gigajax data train-tokenizer --input 'corpus/**/*.txt' --vocab-size 8000 --out tok/tokenizer.json
   gigajax data prepare --input 'data/*.jsonl' --tokenizer tok/tokenizer.json --out data/prepared
+  gigajax data prepare --dpo --input pairs.jsonl --tokenizer byte --out data/pairs
   gigajax data verify data/prepared
 """
 
@@ -51,7 +52,8 @@ def _prepare(args: argparse.Namespace, rest: list[str]) -> int:
     prepare(args.input, args.tokenizer, args.out, field=args.field, sft=args.sft,
             val_fraction=args.val_fraction, workers=args.workers, bad_utf8=args.bad_utf8,
             bad_lines=args.bad_lines, min_doc_tokens=args.min_doc_tokens,
-            shard_tokens=args.shard_tokens, progress=not args.no_progress)
+            shard_tokens=args.shard_tokens, progress=not args.no_progress, chat=args.chat,
+            dpo=args.dpo)
     return 0
 
 
@@ -88,6 +90,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     prep.add_argument("--out", required=True, help="output directory (new, empty or prepared)")
     prep.add_argument("--sft", action="store_true",
                       help="records are prompt/response or messages: write a loss mask")
+    prep.add_argument("--chat", action="store_true",
+                      help="records are messages: render them with the tokenizer's chat "
+                           "template (tokenizer_config.json); the loss covers assistant turns")
+    prep.add_argument("--dpo", action="store_true",
+                      help="records are {prompt, chosen, rejected}: preference pairs for "
+                           "train.objective=dpo")
     prep.add_argument("--val-fraction", type=float, default=0.01,
                       help="share of documents in the validation split, in [0, 1)")
     prep.add_argument("--workers", type=int, default=None,

@@ -18,7 +18,10 @@ from gigajax.config.schema import (
     DTYPES,
     MOMENT_DTYPES,
     NONFINITE_POLICIES,
+    OBJECTIVES,
     OPTIMIZERS,
+    OVERLONG_POLICIES,
+    PACKINGS,
     REMAT_POLICIES,
     ROPE_SCALINGS,
     SCHEDULES,
@@ -178,6 +181,9 @@ FIELDS: dict[str, Field] = {
     "data.val_fraction": fraction(low_open=True, high_open=True),
     "data.max_bytes": count(0, means="0 reads the whole corpus"),
     "data.fim_rate": fraction(),
+    "data.packing": choice(PACKINGS, means="auto is whole for SFT and DPO data, else stream"),
+    "data.overlong": choice(OVERLONG_POLICIES, means="an example longer than a whole-packed "
+                            "window: refuse the run, or skip it (counted in the log)"),
     "data.passkey.key_digits": count(1, high=32, means="the PassKey benchmark uses 5"),
     "data.passkey.min_key_digits": count(0, high=32, means="0 is data.passkey.key_digits"),
     "data.passkey.text_weight": fraction(means="0 puts the loss on the answer only"),
@@ -194,6 +200,10 @@ FIELDS: dict[str, Field] = {
     "train.nonfinite": choice(NONFINITE_POLICIES),
     "train.loss_chunks": count(),
     "train.init_from": TEXT,
+    "train.objective": choice(OBJECTIVES, means="dpo trains on `data prepare --dpo` pairs"),
+    "dpo.beta": number(0.0, low_open=True, means="the DPO temperature; 0.1 is common"),
+    "dpo.label_smoothing": number(0.0, 0.5, high_open=True,
+                                  means="the assumed share of flipped preference labels"),
     "optim.name": choice(OPTIMIZERS),
     "optim.lr": number(0.0, 1.0, low_open=True,
                        means="the peak step size of a normalised optimizer (adamw, lion, "
@@ -234,6 +244,8 @@ SCALED = tuple(t for t in ROPE_SCALINGS if t != "none")  # the scalings with a f
 APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
     "data.path": ("data.source", ("prepared",)),
     "data.mixture": ("data.source", ("prepared",)),
+    "data.packing": ("data.source", ("prepared",)),
+    "data.overlong": ("data.source", ("prepared",)),
     "data.passkey.key_digits": ("data.source", ("passkey",)),
     "data.passkey.min_key_digits": ("data.source", ("passkey",)),
     "data.passkey.text_weight": ("data.source", ("passkey",)),
@@ -250,6 +262,8 @@ APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
     "model.rope_scaling.high_freq_factor": ("model.rope_scaling.type", ("llama3",)),
     "attention.ulysses_degree": ("attention.sp_impl", ("hybrid",)),
     "optim.wsd_decay_fraction": ("optim.schedule", ("wsd",)),
+    "dpo.beta": ("train.objective", ("dpo",)),
+    "dpo.label_smoothing": ("train.objective", ("dpo",)),
 }
 USED_ONLY: dict[str, tuple[str, tuple]] = {
     "data.val_fraction": ("data.source", ("stdlib",)),

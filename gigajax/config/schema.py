@@ -27,6 +27,10 @@ SEQUENCE_LAYOUTS = ("contiguous", "striped", "zigzag")  # ops/layouts.py
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # the config's mesh.* fields, outer to inner
 ZERO_STAGES = (1, 3)
 DATA_SOURCES = ("stdlib", "prepared", "passkey")
+# auto: whole for data with a loss mask (SFT, DPO pairs), stream for text (data/packing.py)
+PACKINGS = ("auto", "stream", "whole")
+OVERLONG_POLICIES = ("error", "skip")  # an example longer than a whole-packed window
+OBJECTIVES = ("lm", "dpo")  # train/objectives.py
 NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -84,8 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     # source passkey: generated PassKey documents (data/synthetic.py) with keys of
     # min_key_digits (0: key_digits) to key_digits digits; the answer's tokens have loss weight 1,
     # the rest text_weight (0: answer only); short_rate: share without the instruction
+    # packing stream: documents cut into windows regardless of their ends; whole: each window
+    # holds whole examples (padded), one longer than a window refused or skipped (overlong)
     c.data = dict(source="stdlib", tokenizer="auto", path="", mixture="", seq_len=1024,
                   batch_size=8, val_fraction=0.05, max_bytes=0, fim_rate=0.0,
+                  packing="auto", overlong="error",
                   passkey=dict(key_digits=5, min_key_digits=0, text_weight=0.0,
                                short_rate=0.0))
     c.train = dict(steps=1000, microbatches=1, log_every=10, eval_every=200, eval_batches=8,
@@ -94,7 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
                    loss_chunks=1,  # > 1: head + loss over that many token slices (long context)
                    # a checkpoint (workdir, step dir, or `ckpt export` output) whose params start
                    # the run, with a fresh optimizer and step 0; unused once the run has its own
-                   init_from="")
+                   init_from="",
+                   objective="lm")  # lm: next-token loss | dpo: preference pairs (c.dpo)
+    # DPO (Rafailov et al. 2023) on `data prepare --dpo` pairs: beta scales the implicit reward;
+    # label_smoothing eps: the share of pairs taken as mislabelled (conservative DPO)
+    c.dpo = dict(beta=0.1, label_smoothing=0.0)
     # warmup_steps longer than train.steps is shortened to train.steps (with a note)
     # schedule wsd: flat after warmup, then linear to min_lr_ratio over the last
     # wsd_decay_fraction of the steps

@@ -165,6 +165,9 @@ def _check_train(cfg: ml_collections.ConfigDict) -> None:
             f"it must divide data.seq_len={cfg.data.seq_len}")
     require(cfg.data.batch_size % t.microbatches == 0, "train.microbatches", t.microbatches,
             f"it must divide data.batch_size={cfg.data.batch_size}")
+    require(t.objective != "dpo" or cfg.data.source == "prepared", "train.objective", t.objective,
+            f"DPO trains on pairs from `gigajax data prepare --dpo` (data.source='prepared', "
+            f"data.path=DIR); data.source is {cfg.data.source!r}")
 
 
 def _check_mesh(cfg: ml_collections.ConfigDict) -> None:

@@ -20,6 +20,12 @@ A batch is a dict of numpy arrays, all [B, T]:
   loss_mask        float32 0 where the input is EOS (its target opens the next document) or,
                            for SFT data, where the target is not a response token; else 1
                            (PassKey: 1 on the answer, data.passkey.text_weight elsewhere)
+and for DPO pairs (`data/packing.py`), of each target:
+  pairs            int32   +p in pair p's chosen half, -p in its rejected half, 0 on padding
+  reference        float32 a half's reference log-probability sum on its closing EOS, else 0
+
+With data.packing whole (the default for SFT and DPO data) a window holds whole examples and
+padding instead (`data/packing.py`), so no response is trained without its prompt.
 
 Under sequence parallelism every [B, T] array is permuted along T into the ring layout
 (`ops/layouts.py`, `sequence_perm`) here, once; the model and the loss never un-permute.
@@ -39,6 +45,7 @@ import numpy as np
 
 from gigajax.config.validate import validate_data
 from gigajax.data import store
+from gigajax.data.packing import STREAM, PackedWindows, PackingSpec, is_pairs, packing_spec
 from gigajax.data.stdlib_corpus import load_stdlib_tokens
 from gigajax.data.synthetic import PasskeyWindows, check_passkey_config
 from gigajax.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
@@ -62,9 +69,11 @@ def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return view[::seq_len]
 
 
-def batch_features(w_BxT1: np.ndarray, target_mask_BxT1: np.ndarray | None = None, *,
-                   eos_id: int) -> Batch:
-    """[B, T+1] token windows (and their 0/1 target masks, SFT) -> the batch dict."""
+def batch_features(w_BxT1: np.ndarray, target_mask_BxT1: np.ndarray | None = None,
+                   pairs_BxT1: np.ndarray | None = None, reference_BxT1: np.ndarray | None = None,
+                   *, eos_id: int) -> Batch:
+    """[B, T+1] token windows (and their 0/1 target masks, SFT; pairs and reference log-probs,
+    DPO) -> the batch dict."""
     w_BxT1 = w_BxT1.astype(np.int32)
     inputs_BxT, targets_BxT = w_BxT1[:, :-1], w_BxT1[:, 1:]
     seq_len = inputs_BxT.shape[1]
@@ -76,13 +85,17 @@ def batch_features(w_BxT1: np.ndarray, target_mask_BxT1: np.ndarray | None = Non
     loss_mask_BxT = (~is_eos_BxT).astype(np.float32)
     if target_mask_BxT1 is not None:  # of the *target*: 0/1 (is it trained) or a weight
         loss_mask_BxT *= target_mask_BxT1[:, 1:].astype(np.float32)
-    return {
+    batch = {
         "inputs": np.ascontiguousarray(inputs_BxT),
         "targets": np.ascontiguousarray(targets_BxT),
         "positions": (idx_T - last_start_BxT).astype(np.int32),
         "segment_ids": 1 + np.cumsum(starts_BxT, axis=1, dtype=np.int32),
         "loss_mask": loss_mask_BxT,
     }
+    if pairs_BxT1 is not None:  # of the targets, like the mask
+        batch["pairs"] = np.ascontiguousarray(pairs_BxT1[:, 1:], dtype=np.int32)
+        batch["reference"] = np.ascontiguousarray(reference_BxT1[:, 1:], dtype=np.float32)
+    return batch
 
 
 def permute_batch(batch: Batch, perm: np.ndarray | None) -> Batch:
@@ -107,6 +120,21 @@ class TokenSource:
     tokens: Sequence[int]  # [N] np.ndarray or store.ConcatStream (memory-mapped shards)
     mask: Sequence[int] | None = None  # [N] 1 = the token is a training target; None = all are
     name: str = ""
+    doc_ends: np.ndarray | None = None  # [D] document end offsets (whole packing needs them)
+    pairs: bool = False  # each document is a DPO pair (`data/packing.py`)
+    reference: np.ndarray | None = None  # [D, 2] reference log-prob sums of each pair's halves
+
+
+def window_source(source: TokenSource, seq_len: int, packing: PackingSpec,
+                  eos_id: int) -> Sequence:
+    """The windows of a TokenSource: stream windows, or whole-packed ones (pairs always are)."""
+    if packing.mode == "stream" and not source.pairs:
+        return WindowSource(source, seq_len)
+    if source.doc_ends is None:
+        raise ValueError(f"whole packing of {source.name or 'a stream'} needs its document ends")
+    return PackedWindows(source.tokens, source.mask, source.doc_ends, seq_len,
+                         pad_id=packing.pad_id, eos_id=eos_id, overlong=packing.overlong,
+                         pairs=source.pairs, reference=source.reference, name=source.name)
 
 
 Source = TokenSource | PasskeyWindows  # a token stream, or windows generated on demand
@@ -181,6 +209,7 @@ def make_dataset(
     sequence_perm: np.ndarray | None = None,
     weights: Sequence[float] | None = None,
     fim: FimSpec | None = None,
+    packing: PackingSpec = STREAM,
 ) -> grain.MapDataset:
     """A random-access dataset whose item s is the batch for step s (a function of seed and s).
 
@@ -190,7 +219,7 @@ def make_dataset(
     selects this process's rows of each global batch (all rows when None): a process reads only
     the windows it feeds to its own devices. `sequence_perm` permutes the tokens of every row
     into the sequence-parallel layout. `fim` rewrites documents for fill-in-the-middle, seeded
-    by (seed, sample index).
+    by (seed, sample index). `packing` says how token streams become windows.
     """
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be >= 1.")
@@ -203,7 +232,8 @@ def make_dataset(
                 raise ValueError(f"PasskeyWindows of seq_len {source.seq_len} != {seq_len}")
             parts.append(grain.MapDataset.source(source))  # independent draws: no shuffle
             continue
-        n = num_windows(len(source.tokens), seq_len)
+        windows_of = window_source(source, seq_len, packing, eos_id)
+        n = len(windows_of)
         if n < needed:
             raise DataError(
                 f"{len(source.tokens)} tokens{f' in {source.name}' if source.name else ''} give "
@@ -211,7 +241,7 @@ def make_dataset(
                 f"batch of data.batch_size={batch_size}, or one window per mixture source). "
                 "Lower data.seq_len or data.batch_size, or "
                 "read more text (raise data.max_bytes, 0 = no cap; or prepare more data).")
-        ds = grain.MapDataset.source(WindowSource(source, seq_len))
+        ds = grain.MapDataset.source(windows_of)
         if shuffle:  # a fresh permutation every epoch
             ds = ds.shuffle(seed=_shuffle_seed(seed if len(sources) == 1 else [seed, i]))
         parts.append(ds)
@@ -219,17 +249,18 @@ def make_dataset(
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     local = range(*(rows or slice(0, batch_size)).indices(batch_size))
 
-    def local_windows(step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows `local` of global batch `step`: tokens and target masks, [B_local, T+1]."""
+    def local_windows(step: int) -> tuple[np.ndarray, ...]:
+        """Rows `local` of global batch `step`: tokens and target masks (and DPO's pairs and
+        reference), each [B_local, T+1]."""
         picked = []
         for r in local:
             k = step * batch_size + r  # the global sample index
-            tokens_T1, mask_T1 = ds[k]
+            tokens_T1, mask_T1, *pair_arrays = ds[k]
             if fim is not None and fim.rate > 0:
                 tokens_T1, mask_T1 = apply_fim(tokens_T1, mask_T1, fim, eos_id,
                                                np.random.default_rng([seed, k]))
-            picked.append((tokens_T1, mask_T1))
-        return np.stack([t for t, _ in picked]), np.stack([m for _, m in picked])
+            picked.append((tokens_T1, mask_T1, *pair_arrays))
+        return tuple(np.stack(column) for column in zip(*picked, strict=True))
 
     batches = grain.MapDataset.range(len(ds) // batch_size).map(local_windows)
     features = batches.map(lambda w: batch_features(*w, eos_id=eos_id))
@@ -260,6 +291,7 @@ class Mixture:
 
     sources: tuple[Source, ...]
     weights: tuple[float, ...]
+    packing: PackingSpec = STREAM
 
 
 def eval_batches(
@@ -271,13 +303,15 @@ def eval_batches(
     eos_id: int = ByteTokenizer.eos_id,
     rows: slice | None = None,
     sequence_perm: np.ndarray | None = None,
+    packing: PackingSpec | None = None,
 ) -> list[Batch]:
     """The first `num_batches` batches of the unshuffled validation stream(s) (a fixed list)."""
     mix = tokens if isinstance(tokens, Mixture) else Mixture((TokenSource(tokens),), (1.0,))
+    packing = packing or mix.packing
     for source, weight in zip(mix.sources, mix.weights, strict=True):
         if isinstance(source, PasskeyWindows):  # as many windows as anyone asks for
             continue
-        n = num_windows(len(source.tokens), seq_len)
+        n = len(window_source(source, seq_len, packing, eos_id))
         wanted = int(np.ceil(num_batches * batch_size * weight))
         if n < wanted:
             raise DataError(
@@ -289,7 +323,7 @@ def eval_batches(
                 "data.max_bytes for the stdlib; `data prepare --val-fraction`).")
     ds = make_dataset(mix.sources, seq_len=seq_len, batch_size=batch_size, seed=0,
                       eos_id=eos_id, shuffle=False, repeat=False, rows=rows,
-                      sequence_perm=sequence_perm, weights=mix.weights)
+                      sequence_perm=sequence_perm, weights=mix.weights, packing=packing)
     return [ds[i] for i in range(num_batches)]
 
 
@@ -302,6 +336,8 @@ class DataIds:
     max_token_id: int  # the largest id in the data (vocab_size - 1 when unknown)
     fim: FimSpec | None  # the FIM sentinels (rate = data.fim_rate), None if it has none
     max_token_where: str = ""  # which shard holds max_token_id ("" when not prepared data)
+    packing: PackingSpec = PackingSpec()  # data.packing resolved (`packing_spec`)
+    pairs: bool = False  # the data are DPO pairs (`data prepare --dpo`)
 
 
 def parse_mixture(data_cfg: ml_collections.ConfigDict) -> list[tuple[str, float]]:
@@ -376,16 +412,27 @@ def _prepared_ids(data_cfg: ml_collections.ConfigDict) -> tuple[list[tuple[str, 
     shards = [(s["max_token_id"], f"shard {s['name']} of {d}") for d, m in manifests
               for split in store.SPLITS for s in m["splits"][split]["shards"]]
     max_id, where = max(shards, default=(-1, ""), key=lambda s: s[0])
-    ids = DataIds(tok["vocab_size"], tok["eos_id"], max_id, fim, where)
+    has_mask = any(m["has_loss_mask"] for _, m in manifests)
+    pairs = [is_pairs(m) for _, m in manifests]
+    if any(pairs) and (len(manifests) > 1 or data_cfg.mixture):
+        raise ConfigError(f"data.mixture={data_cfg.mixture!r} includes DPO pairs (`data prepare "
+                          "--dpo`); DPO reads one directory: set data.path.")
+    ids = DataIds(tok["vocab_size"], tok["eos_id"], max_id, fim, where,
+                  packing_spec(data_cfg, has_mask, pairs[0], tok["pad_id"]), pairs[0])
     total = math.fsum(w for _, w in entries)
-    return ([(d, w / total) for d, w in entries], ids,
-            any(m["has_loss_mask"] for _, m in manifests))
+    return [(d, w / total) for d, w in entries], ids, has_mask
 
 
 def check_data(cfg: ml_collections.ConfigDict) -> DataIds:
     """`check_data_config`, and the data's ids against `model.vocab_size` (for prepared data:
     every shard's recorded largest id); returns the ids."""
     ids, vocab_size = check_data_config(cfg.data), cfg.model.vocab_size
+    objective = cfg.train.objective
+    if ids.pairs != (objective == "dpo"):
+        what = "holds DPO pairs" if ids.pairs else "holds no DPO pairs (`data prepare --dpo`)"
+        raise ConfigError(f"config.train.objective={objective!r} is not allowed: the data "
+                          f"({cfg.data.path or cfg.data.source}) {what}; use train.objective="
+                          f"{'dpo' if ids.pairs else 'lm'} or other data.")
     if vocab_size < ids.vocab_size:
         raise ConfigError(f"config.model.vocab_size={vocab_size} is not allowed: the data's "
                           f"tokenizer has {ids.vocab_size} ids.")
@@ -439,11 +486,13 @@ def build_datasets(
     seed: int,
     rows: slice | None = None,
     sequence_perm: np.ndarray | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[DataIds, grain.MapDataset, np.ndarray | Mixture]:
     """From the `data` config: (ids, train batches dataset, validation stream(s)).
 
     `rows`, `sequence_perm`: this process's rows of each training batch, and the sequence
-    layout of its tokens (see `make_dataset`).
+    layout of its tokens (see `make_dataset`); `reference`: DPO pairs' reference log-probs
+    per split ([D, 2], `train/reference.py`), zeros when not given.
     """
     ids = check_data_config(data_cfg)
     fim = ids.fim if data_cfg.fim_rate > 0 else None
@@ -464,15 +513,23 @@ def build_datasets(
         weights, val = None, load("validation")
     else:
         entries, _, _ = _prepared_ids(data_cfg)
-        def sources(split: str) -> list[TokenSource]:
-            opened = [(d, store.open_split(d, split)) for d, _ in entries]
-            return [TokenSource(s.tokens, s.mask, f"{d} ({split})") for d, s in opened]
-
-        train = sources("train")
-        val_sources = sources("validation")
+        reference = reference or {}
+        train = prepared_sources(entries, "train", ids, reference.get("train"))
+        val_sources = prepared_sources(entries, "validation", ids, reference.get("validation"))
         weights = [w for _, w in entries]
-        val = Mixture(tuple(val_sources), tuple(weights))
+        val = Mixture(tuple(val_sources), tuple(weights), ids.packing)
     train_ds = make_dataset(train, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
                             seed=seed, eos_id=ids.eos_id, rows=rows, sequence_perm=sequence_perm,
-                            weights=weights, fim=fim)
+                            weights=weights, fim=fim, packing=ids.packing)
     return ids, train_ds, val
+
+
+def prepared_sources(entries: list[tuple[str, float]], split: str, ids: DataIds,
+                     reference: np.ndarray | None = None) -> list[TokenSource]:
+    """One TokenSource per prepared directory of `entries` for `split` (document ends read
+    when they are packed whole; DPO pairs with their `reference` log-probs, [D, 2])."""
+    opened = [(d, store.open_split(d, split)) for d, _ in entries]
+    whole = ids.packing.mode == "whole" or ids.pairs
+    return [TokenSource(s.tokens, s.mask, f"{d} ({split})",
+                        s.document_ends() if whole else None, ids.pairs, reference)
+            for d, s in opened]

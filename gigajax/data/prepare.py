@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from gigajax.data import readers, store
+from gigajax.data.chat import ChatTemplate, chat_pieces, load_chat_template
 from gigajax.data.stdlib_corpus import is_validation
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
 from gigajax.data.verify import verify_prepared
@@ -63,9 +64,24 @@ class Options:
     bad_lines: str = "error"
     min_doc_tokens: int = 1
     shard_tokens: int = 100_000_000
+    chat: bool = False  # messages rendered by the tokenizer's chat template (an SFT mode)
+    dpo: bool = False  # {prompt, chosen, rejected} pairs, one document each
+
+    @property
+    def kind(self) -> str:
+        """What records are read as (`readers.KINDS`)."""
+        return "dpo" if self.dpo else "chat" if self.chat else "sft" if self.sft else "text"
+
+    @property
+    def masked(self) -> bool:
+        """Whether the output has a loss mask."""
+        return self.kind != "text"
 
     def check(self) -> None:
         """A ConfigError naming the flag for any value out of range."""
+        if self.dpo and (self.sft or self.chat):
+            raise ConfigError("--dpo reads preference pairs; it does not combine with --sft or "
+                              "--chat.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction={self.val_fraction} must lie in [0, 1) (0: no "
                               "validation split).")
@@ -100,18 +116,22 @@ def tokenize_unit(unit: readers.Unit, opts: Options, tokenizer: Tokenizer) -> Un
     toks, lens, index, masks = [], [], [], []
     batch: list[tuple[int, readers.Record]] = []
 
+    template = load_chat_template(tokenizer) if opts.chat else None
+
     def encode(batch: list[tuple[int, readers.Record]]) -> None:
-        if opts.sft:
-            flat = tokenizer.encode_batch([text for _, rec in batch for text, _ in rec])
+        if opts.masked:
+            records = [_pieces(rec, i, template, eos) for i, rec in batch]
+            flat = _encode_pieces(tokenizer, [p for rec in records for p in rec])
         else:
             flat = tokenizer.encode_batch([rec for _, rec in batch])
         j = 0
-        for i, rec in batch:
-            if opts.sft:
+        for n, (i, rec) in enumerate(batch):
+            if opts.masked:
+                rec = records[n]
                 pieces, j = flat[j:j + len(rec)], j + len(rec)
                 ids = np.concatenate(pieces)
                 mask = np.concatenate([np.full(len(p), t, np.uint8)
-                                       for p, (_, t) in zip(pieces, rec, strict=True)])
+                                       for p, (_, t, _) in zip(pieces, rec, strict=True)])
             else:
                 ids, j = flat[j], j + 1
             if len(ids) < opts.min_doc_tokens:
@@ -120,14 +140,14 @@ def tokenize_unit(unit: readers.Unit, opts: Options, tokenizer: Tokenizer) -> Un
             toks.extend((ids, eos))
             lens.append(len(ids) + 1)
             index.append(i)
-            if opts.sft:
+            if opts.masked:
                 masks.extend((mask, np.ones(1, np.uint8)))
 
     chars = 0
-    for i, rec in readers.read_records(unit, opts.field, opts.sft, opts.bad_utf8,
+    for i, rec in readers.read_records(unit, opts.field, opts.kind, opts.bad_utf8,
                                        opts.bad_lines, counts):
         counts["documents_read"] += 1
-        texts = [rec] if isinstance(rec, str) else [t for t, _ in rec]
+        texts = readers.record_texts(rec)
         if not any(t.strip() for t in texts):
             counts["skipped_empty"] += 1
             continue
@@ -145,9 +165,38 @@ def tokenize_unit(unit: readers.Unit, opts: Options, tokenizer: Tokenizer) -> Un
                         "inconsistent. Fix or retrain it (gigajax data train-tokenizer).")
     counts["documents_written"] += len(lens)
     counts["tokens"] += len(tokens)
-    mask = (np.concatenate(masks) if masks else np.zeros(0, np.uint8)) if opts.sft else None
+    mask = (np.concatenate(masks) if masks else np.zeros(0, np.uint8)) if opts.masked else None
     return UnitResult(tokens.astype(dtype, copy=False), np.asarray(lens, np.int64),
                       np.asarray(index, np.int64), mask, counts)
+
+
+def _pieces(rec: readers.Record, index: int, template: ChatTemplate | None,
+            eos: np.ndarray) -> list[tuple[str | np.ndarray, bool, bool]]:
+    """A masked record as pieces (text or ids, is_target, parse specials): SFT pieces as read,
+    a chat rendered by its template, a DPO pair as `prompt chosen EOS prompt rejected` (the
+    closing EOS is appended with every document's)."""
+    if isinstance(rec, readers.Chat):
+        return chat_pieces(template, rec, index)
+    if isinstance(rec, readers.Pair):
+        return [(rec.prompt, False, False), (rec.chosen, True, False), (eos, True, False),
+                (rec.prompt, False, False), (rec.rejected, True, False)]
+    return [(text, target, False) for text, target in rec]
+
+
+def _encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str | np.ndarray, bool, bool]]
+                   ) -> list[np.ndarray]:
+    """The ids of each piece: documents' text as plain text, a template's own text with its
+    specials parsed (`chat.py`), ids as they are; one batch call of each kind."""
+    out: list[np.ndarray | None] = [p if isinstance(p, np.ndarray) else None for p, _, _ in pieces]
+    for specials in (False, True):
+        where = [k for k, (p, _, s) in enumerate(pieces) if isinstance(p, str) and s == specials]
+        if not where:
+            continue
+        texts = [pieces[k][0] for k in where]
+        encode = tokenizer.encode_batch_with_specials if specials else tokenizer.encode_batch
+        for k, ids in zip(where, encode(texts), strict=True):
+            out[k] = ids
+    return out
 
 
 _WORKER: dict[str, Any] = {}
@@ -217,7 +266,7 @@ class _SplitWriter:
         and the rest too if final; keep the rest otherwise."""
         tokens = np.concatenate([p[0] for p in self.parts])
         ends = np.cumsum(np.concatenate([p[1] for p in self.parts]))
-        mask = np.concatenate([p[2] for p in self.parts]) if self.opts.sft else None
+        mask = np.concatenate([p[2] for p in self.parts]) if self.opts.masked else None
         first_doc, first_tok = 0, 0
         while first_doc < len(ends):
             k = int(np.searchsorted(ends, first_tok + self.opts.shard_tokens)) + 1
@@ -355,13 +404,15 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
             field: str = "text", sft: bool = False, val_fraction: float = 0.01,
             workers: int | None = None, bad_utf8: str = "replace", bad_lines: str = "error",
             min_doc_tokens: int = 1, shard_tokens: int = 100_000_000, progress: bool = True,
-            echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+            echo: Callable[[str], None] | None = print, chat: bool = False,
+            dpo: bool = False) -> dict[str, Any]:
     """Tokenize the files matching `inputs` into `out`; returns the manifest (see module doc).
 
     Worker processes are spawned: a script calling this with workers > 1 needs the
     `if __name__ == "__main__":` guard.
     """
-    opts = Options(field, sft, val_fraction, bad_utf8, bad_lines, min_doc_tokens, shard_tokens)
+    opts = Options(field, sft, val_fraction, bad_utf8, bad_lines, min_doc_tokens, shard_tokens,
+                   chat, dpo)
     opts.check()
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers={workers} must be >= 1.")
@@ -373,9 +424,11 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
     input_records = [{"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns}
                      for f in files]
     tok_record = tokenizer_record(tok)
+    template = load_chat_template(tok) if chat else None
     fingerprint = hashlib.sha256(json.dumps(
         {"version": PREPARE_VERSION, "format": store.FORMAT, "inputs": input_records,
-         "tokenizer": tok_record["fingerprint"], "options": dataclasses.asdict(opts)},
+         "tokenizer": tok_record["fingerprint"], "options": dataclasses.asdict(opts),
+         **({"chat_template": template.fingerprint()} if template else {})},
         sort_keys=True).encode()).hexdigest()
     if out.is_dir():
         _remove_leftovers(out)
@@ -383,7 +436,7 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
         echo(f"{out} is up to date ({len(files)} input files unchanged); nothing to do.")
         return old
     units = [u for i, f in enumerate(files)
-             for u in readers.plan_units(i, f, CHUNK_BYTES, opts.field, opts.sft)]
+             for u in readers.plan_units(i, f, CHUNK_BYTES, opts.field, opts.kind)]
     staging = out / STAGING
     staging.mkdir(parents=True)
     start = time.perf_counter()
@@ -402,7 +455,7 @@ def prepare(inputs: list[str], tokenizer: str | Tokenizer, out: str | os.PathLik
         "splits": {s: w.close() for s, w in writers.items()},
         "tokenizer": tok_record,
         "max_token_id": max(s["max_token_id"] for w in writers.values() for s in w.shards),
-        "has_loss_mask": sft,
+        "has_loss_mask": opts.masked,
         "counts": {k: counts[k] for k in COUNT_KEYS},
         "inputs": input_records,
         "options": dataclasses.asdict(opts),

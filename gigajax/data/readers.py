@@ -14,7 +14,10 @@ SFT records (--sft, JSON Lines or Parquet) become pieces (text, is_target):
   {"messages": [{"role", "content"}, ...]}
                                  -> per turn ("<role>: ", 0) (content, A) ("\\n", A)
                                     where A = 1 for role "assistant", else 0
-The EOS that closes every example is a target too.
+The EOS that closes every example is a target too. With --chat, `messages` records are read
+as they are (`Chat`) and rendered by the tokenizer's own chat template (`chat.py`). With --dpo,
+records are `{"prompt", "chosen", "rejected"}` strings (`Pair`; `prepare.py` writes each pair
+as one document, `data/packing.py` says how).
 
 A malformed record raises BadRecord(index within its unit, message); the caller, who knows where
 the unit starts, turns it into a DataError naming file and line (or row).
@@ -37,13 +40,50 @@ TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
 JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
 COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".7z", ".lz4"})
 SFT_COLUMNS = ("prompt", "response", "messages")
+DPO_FIELDS = ("prompt", "chosen", "rejected")
+KINDS = ("text", "sft", "chat", "dpo")  # what a record is read as (`kind`)
 BAD_UTF8 = ("replace", "reject")
 BAD_LINES = ("error", "skip")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _FFFD_UTF8 = "\ufffd".encode()
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark opening a file is dropped
 
-Record = str | list[tuple[str, bool]]  # a document's text, or an SFT example's pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """A `messages` record read for the tokenizer's chat template: ((role, content), ...)."""
+
+    messages: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A DPO record: the prompt, the preferred and the rejected response."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+# a document's text, an SFT example's pieces (text, is_target), a chat or a DPO pair
+Record = str | list[tuple[str, bool]] | Chat | Pair
+
+
+def kind_name(kind: str | bool) -> str:
+    """A record kind of KINDS; True / False (the former `sft` flag) mean 'sft' / 'text'."""
+    return ("sft" if kind else "text") if isinstance(kind, bool) else kind
+
+
+def record_texts(rec: Record) -> list[str]:
+    """Every string of a record (to test it for blankness)."""
+    if isinstance(rec, str):
+        return [rec]
+    if isinstance(rec, Chat):
+        return [content for _, content in rec.messages]
+    if isinstance(rec, Pair):
+        return [rec.prompt, rec.chosen, rec.rejected]
+    return [text for text, _ in rec]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +192,9 @@ def _jsonl_boundaries(path: str, size: int, chunk_bytes: int) -> list[int]:
     return cuts + [size]
 
 
-def parquet_columns(path: str, field: str, sft: bool) -> list[str]:
-    """The columns to read from a Parquet file, checked against its schema."""
+def parquet_columns(path: str, field: str, sft: str | bool) -> list[str]:
+    """The columns to read from a Parquet file (`sft`: the record kind), checked against its
+    schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,7 +203,17 @@ def parquet_columns(path: str, field: str, sft: bool) -> list[str]:
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
     names = schema.names
-    if sft:
+    kind = kind_name(sft)
+    if kind == "dpo":
+        if missing := [c for c in DPO_FIELDS if c not in names]:
+            raise DataError(f"{path}: --dpo needs columns 'prompt', 'chosen' and 'rejected'; it "
+                            f"has no {missing[0]!r} (its columns: {names}).")
+        return list(DPO_FIELDS)
+    if kind == "chat":
+        if "messages" not in names:
+            raise DataError(f"{path}: --chat needs a column 'messages'; it has {names}.")
+        return ["messages"]
+    if kind == "sft":
         cols = [c for c in SFT_COLUMNS if c in names]
         if "messages" not in cols and not {"prompt", "response"} <= set(cols):
             raise DataError(f"{path}: --sft needs columns 'prompt' and 'response', or "
@@ -180,12 +231,13 @@ def parquet_columns(path: str, field: str, sft: bool) -> list[str]:
 
 
 def plan_units(index: int, inp: InputFile, chunk_bytes: int, field: str,
-               sft: bool) -> list[Unit]:
-    """Cut one input into units of about chunk_bytes (text files stay whole: one document)."""
+               sft: str | bool) -> list[Unit]:
+    """Cut one input into units of about chunk_bytes (text files stay whole: one document);
+    `sft` is the record kind."""
     if inp.kind == TEXT:
-        if sft:
-            raise DataError(f"{inp.path}: --sft reads JSON Lines or Parquet records; this file is "
-                            "read as plain text (by its extension).")
+        if kind_name(sft) != "text":
+            raise DataError(f"{inp.path}: --{kind_name(sft)} reads JSON Lines or Parquet records; "
+                            "this file is read as plain text (by its extension).")
         return [Unit(index, inp.path, TEXT, 0, inp.size, inp.size)]
     if inp.kind == JSONL:
         cuts = _jsonl_boundaries(inp.path, inp.size, chunk_bytes)
@@ -260,11 +312,45 @@ def _sft_pieces(obj: dict, index: int) -> list[tuple[str, bool]]:
                     f"its keys are {sorted(obj)}.")
 
 
-def _record(obj: object, field: str, sft: bool, index: int, noun: str = "field") -> Record:
-    """The text (or SFT pieces) of one JSON object / Parquet row."""
+def _chat(obj: dict, index: int) -> Chat:
+    """A `messages` record, checked, for the chat template."""
+    turns = obj.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(index, "--chat needs 'messages': a non-empty list of "
+                        '{"role": ..., "content": ...} objects.')
+    for turn in turns:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
+                and isinstance(turn.get("content"), str)):
+            raise BadRecord(index, f"each message needs string 'role' and 'content'; got "
+                            f"{str(turn)[:80]}.")
+    return Chat(tuple((turn["role"], turn["content"]) for turn in turns))
+
+
+def _pair(obj: dict, index: int, noun: str) -> Pair:
+    """A DPO record: string prompt, chosen and rejected, none of them empty."""
+    for key in DPO_FIELDS:
+        if key not in obj or obj[key] is None:
+            raise BadRecord(index, f"a DPO record needs string {noun}s 'prompt', 'chosen' and "
+                            f"'rejected'; it has no {key!r} (its keys: {sorted(obj)}).")
+        if not isinstance(obj[key], str):
+            raise BadRecord(index, f"{noun} {key!r} of a DPO record is a "
+                            f"{type(obj[key]).__name__}, not a string.")
+        if not obj[key]:
+            raise BadRecord(index, f"{noun} {key!r} of a DPO record is empty.")
+    return Pair(obj["prompt"], obj["chosen"], obj["rejected"])
+
+
+def _record(obj: object, field: str, sft: str | bool, index: int,
+            noun: str = "field") -> Record:
+    """The text (SFT pieces, chat or DPO pair: `sft` is the kind) of one JSON object / row."""
     if not isinstance(obj, dict):
         raise BadRecord(index, f"is a JSON {type(obj).__name__}, not an object.")
-    if sft:
+    kind = kind_name(sft)
+    if kind == "dpo":
+        return _pair(obj, index, noun)
+    if kind == "chat":
+        return _chat(obj, index)
+    if kind == "sft":
         return _sft_pieces(obj, index)
     if obj.get(field) is None:
         raise BadRecord(index, f"has no {noun} {field!r} (its keys: {sorted(obj)}); choose the "
@@ -279,6 +365,11 @@ def _clean_record(rec: Record, bad_utf8: str, counts: Counter, index: int) -> Re
     """`_clean` on every string of a record."""
     if isinstance(rec, str):
         return _clean(rec, bad_utf8, counts, index)
+    if isinstance(rec, Chat):
+        return Chat(tuple((_clean(r, bad_utf8, counts, index), _clean(c, bad_utf8, counts, index))
+                          for r, c in rec.messages))
+    if isinstance(rec, Pair):
+        return Pair(*(_clean(t, bad_utf8, counts, index) for t in record_texts(rec)))
     return [(_clean(t, bad_utf8, counts, index), m) for t, m in rec]
 
 

@@ -332,6 +332,13 @@ class PreparedSplit:
     mask: ConcatStream | None  # [N] 1 = training target (SFT data), None = every token counts
     num_docs: int
     manifest: dict[str, Any]
+    doc_parts: list[tuple[np.ndarray, int]] = dataclasses.field(default_factory=list)
+
+    def document_ends(self) -> np.ndarray:
+        """[D] int64 end offsets of the documents in `tokens` (read now from every shard's
+        memory-mapped index; whole-example packing needs them, stream packing does not)."""
+        parts = [np.asarray(docs, np.int64) + first for docs, first in self.doc_parts]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def check_size(path: Path, dtype: np.dtype, count: int, what: str) -> None:
@@ -364,7 +371,7 @@ def open_split(data_dir: str | Path, split: str) -> PreparedSplit:
         raise DataError(f"{data_dir} has no {split!r} split (it has {list(SPLITS)}).")
     dtype = np.dtype(manifest["dtype"])
     tokens, masks, num_docs = [], [], 0
-    files, limits = [], []
+    files, limits, doc_parts, first = [], [], [], 0
     for shard in manifest["splits"][split]["shards"]:
         what = f"prepared data {data_dir}, shard {shard['name']}"
         arrays = {suffix: _mapped(data_dir / f"{shard['name']}{suffix}", item, count, what)
@@ -379,8 +386,10 @@ def open_split(data_dir: str | Path, split: str) -> PreparedSplit:
         if ".mask" in arrays:
             masks.append(arrays[".mask"])
         num_docs += shard["num_docs"]
+        doc_parts.append((docs, first))
+        first += shard["num_tokens"]
     mask = None
     if masks:  # check_manifest saw that every shard has one
         mask = ConcatStream(masks, [f.with_suffix(".mask") for f in files], [1] * len(masks),
                             kind="mask value")
-    return PreparedSplit(ConcatStream(tokens, files, limits), mask, num_docs, manifest)
+    return PreparedSplit(ConcatStream(tokens, files, limits), mask, num_docs, manifest, doc_parts)

@@ -173,3 +173,19 @@ def check_passkey_config(data_cfg: ml_collections.ConfigDict, tok: Tokenizer) ->
                           f"a document without filler takes {need} tokens with "
                           f"data.passkey.key_digits={digits}; use data.seq_len >= {need - 1} "
                           f"({need - 1 + 64} or more leaves room for filler), or shorter keys.")
+
+
+def preference_records(n: int, seed: int = 0, letters: int = 8,
+                       answer: int = 4) -> list[dict[str, str]]:
+    """A synthetic DPO task (`data prepare --dpo` records): the prompt is `letters` random
+    lowercase letters, the chosen answer repeats its last letter `answer` times (the rule), the
+    rejected one repeats another letter (it breaks the rule)."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    records = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(alphabet, letters))
+        other = rng.choice(alphabet[alphabet != prompt[-1]])
+        records.append({"prompt": prompt, "chosen": prompt[-1] * answer,
+                        "rejected": str(other) * answer})
+    return records

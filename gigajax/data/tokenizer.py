@@ -153,6 +153,7 @@ class HFTokenizer:
             found["fim_prefix"], found["fim_middle"], found["fim_suffix"])
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._specials = _special_ids(self)
+        self._parsing = None  # the same file, parsing specials (`encode_batch_with_specials`)
 
     def fingerprint(self) -> str:
         """sha256 of the tokenizer.json bytes."""
@@ -165,6 +166,18 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Parallel encoding with the library's batch encoder (offsets not computed)."""
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def encode_batch_with_specials(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode_batch` with special tokens written in the text parsed as specials: for a
+        chat template's own text (`chat.py`), never for a document's."""
+        if self._parsing is None:
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            self._parsing = _HFTokenizer.from_file(self.spec)
+            self._parsing.no_padding()
+            self._parsing.no_truncation()
+        encodings = self._parsing.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids: np.ndarray | list[int]) -> str:

@@ -34,7 +34,7 @@ from gigajax.parallel.mesh import AXES, make_mesh, sequence_permutation
 from gigajax.parallel.multihost import BATCH_SPEC, place_batch
 from gigajax.plan.layouts import Layout, layout_config, layout_name
 from gigajax.train.loop import build_training
-from gigajax.train.step import make_loss_fn
+from gigajax.train.objectives import make_objective_loss_fn
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # fp32 tolerances of the equivalence tests
 
@@ -65,14 +65,13 @@ def run_layout(cfg: ml_collections.ConfigDict, layout: Layout, batches: list[dic
         training = build_training(c, mesh)
         state = training.state.init()
         param_shardings = training.state.shardings["params"]
-        loss_fn = make_loss_fn(training.state.graphdef, c.train.z_loss,
-                               training.layout.activations, c.train.loss_chunks)
+        loss_fn = make_objective_loss_fn(c, training.state.graphdef, training.layout.activations)
         lora = training.state.lora  # gradients of what trains: the adapters under LoRA
 
         def mean_grads(params, batch):
             trainable, frozen = trainable_and_frozen(params, lora)
-            grads, (_, count) = jax.grad(lambda p: loss_fn(combine(p, frozen), batch),
-                                         has_aux=True)(trainable)
+            grads, (_, count, *_) = jax.grad(lambda p: loss_fn(combine(p, frozen), batch),
+                                             has_aux=True)(trainable)
             return jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
 
         grad_fn = jax.jit(mean_grads, out_shardings=training.state.trainable(param_shardings),

@@ -35,8 +35,10 @@ from gigajax.errors import GigajaxError
 from gigajax.parallel.mesh import make_mesh, sequence_permutation
 from gigajax.parallel.multihost import BATCH_SPEC, is_main_process, place_batch, process_rows
 from gigajax.parallel.rules import Layout
+from gigajax.train import reference as dpo_reference
 from gigajax.train.flops import flops_per_token, peak_flops_per_device
 from gigajax.train.logger import MetricsLogger
+from gigajax.train.objectives import make_objective_loss_fn
 from gigajax.train.optim import make_optimizer
 from gigajax.train.preflight import notes as config_notes
 from gigajax.train.preflight import preflight
@@ -65,13 +67,17 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
     batch = NamedSharding(mesh, BATCH_SPEC)
     replicated = NamedSharding(mesh, PartitionSpec())
     t, lora = cfg.train, cfg.model.lora
+    loss_fn = make_objective_loss_fn(cfg, state.graphdef, layout.activations)
     train_step = jax.jit(
         make_train_step(state.graphdef, tx, schedule, t.microbatches, t.z_loss,
                         layout.activations, t.loss_chunks, lora=state.lora,
-                        dropout_seed=t.seed if state.lora and lora.dropout > 0 else None),
+                        dropout_seed=t.seed if state.lora and lora.dropout > 0 else None,
+                        loss_fn=loss_fn),
         in_shardings=(state.shardings, batch), out_shardings=(state.shardings, replicated),
         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations, t.loss_chunks),
+    eval_loss_fn = loss_fn if t.objective == "dpo" else None  # lm: without z-loss
+    eval_step = jax.jit(make_eval_step(state.graphdef, layout.activations, t.loss_chunks,
+                                       eval_loss_fn),
                         in_shardings=(state.shardings["params"], batch),
                         out_shardings=replicated)
     return Training(layout, state, train_step, eval_step, schedule)
@@ -79,8 +85,17 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
 
 def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
     """Mean next-token loss over the fixed validation batches (weighted by token count)."""
-    sums = [eval_fn(params, b) for b in batches]
-    return float(sum(s for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0))
+    return evaluate_metrics(eval_fn, params, batches)["loss"]
+
+
+def evaluate_metrics(eval_fn, params, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """The validation loss and the objective's metrics (DPO: reward margin, accuracy, ...),
+    each a mean over the fixed validation batches' tokens (or pairs)."""
+    sums = jax.device_get([eval_fn(params, b) for b in batches])
+    count = max(sum(float(s[1]) for s in sums), 1.0)
+    extra = {k: float(sum(s[2][k] for s in sums)) / count for k in (sums[0][2] if sums and
+                                                                   len(sums[0]) > 2 else {})}
+    return {"loss": float(sum(s[0] for s in sums)) / count, **extra}
 
 
 class NonFiniteStop(GigajaxError):
@@ -148,6 +163,23 @@ def all_dropped(run: int, done: int, metrics: dict[str, jax.Array],
         "check the data and model.init_std, then rerun.")
 
 
+def _dpo_reference(cfg: ml_collections.ConfigDict, workdir: Path, training: Training, mesh: Mesh,
+                   rows: slice, perm, state: TrainState, resumed: bool, notes: list[str]
+                   ) -> tuple[dpo_reference.Reference, bool]:
+    """The DPO reference (`train/reference.py`): the workdir's, or computed from the starting
+    parameters: this state's on a fresh run, re-read or re-initialised on a resumed one."""
+    def compute() -> dpo_reference.Reference:
+        params = state["params"]
+        if resumed:
+            found = read_init_from(cfg.train.init_from, [], cfg.checkpoint.require_checksums)
+            params = initial_state(training.state, found, cfg.train.init_from)["params"]
+        return dpo_reference.compute_reference(
+            cfg, mesh, training.state.graphdef, params, training.state.shardings["params"],
+            training.layout.activations, rows, perm)
+
+    return dpo_reference.load_or_compute(cfg, workdir, compute, notes.append)
+
+
 @dataclasses.dataclass
 class RunResult:
     """What `train` ends with: the final train state (on the mesh), the last logged metrics
@@ -205,6 +237,16 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
         except BaseException:
             checkpointer.close()  # no Orbax thread left behind a refused resume
             raise
+        reference = None
+        if t.objective == "dpo":  # before step 1: the pairs' reference log-probs, in every batch
+            reference, write_reference = _dpo_reference(cfg, workdir, training, mesh, rows, perm,
+                                                        state, restored is not None, notes)
+            ids, train_ds, val_data = build_datasets(cfg.data, t.seed, rows, perm, reference)
+            data_iter = batch_iterator(train_ds, iterator_step(data_iter))
+            val = [place_batch(b, mesh, batch_size) for b in eval_batches(
+                val_data, seq_len=cfg.data.seq_len, batch_size=batch_size,
+                num_batches=t.eval_batches, eos_id=ids.eos_id, rows=rows, sequence_perm=perm)]
+            notes.append("DPO pairs: " + dpo_reference.pair_windows(cfg, "train").summary())
         found = None  # init_from's host copy (or lazy HF reader) is not needed once placed
         start = int(state["step"])
         if (position := iterator_step(data_iter)) != start:  # no data state in the checkpoint
@@ -214,6 +256,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
         if main:  # the run is accepted: only now is its config (re)written
             workdir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+            if reference is not None and write_reference:
+                dpo_reference.write_reference(workdir, cfg, reference)
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         model_flops = flops_per_token(ModelConfig.from_config(cfg), cfg.data.seq_len)
         logger = MetricsLogger(workdir, start, t.steps, t.log_every, batch_size * cfg.data.seq_len,
@@ -251,16 +295,17 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool, sigter
                 stopping = preempted or diverged
                 is_eval = not stopping and (done % t.eval_every == 0 or done == t.steps)
                 is_save = stopping or done % t.checkpoint_every == 0 or done == t.steps
-                eval_loss, paused = None, 0.0
+                eval_loss, eval_metrics, paused = None, None, 0.0
                 if is_eval or is_save:  # not training time: leave it out of tokens/s
                     jax.block_until_ready(metrics)
                     pause_start = time.perf_counter()
                     if is_eval:
-                        eval_loss = evaluate(training.eval_step, state["params"], val)
+                        eval_metrics = evaluate_metrics(training.eval_step, state["params"], val)
+                        eval_loss = eval_metrics.pop("loss")
                     if is_save:
                         save(done, force=stopping)
                     paused = time.perf_counter() - pause_start
-                logger.record(done, metrics, eval_loss, paused)
+                logger.record(done, metrics, eval_loss, paused, eval_metrics)
                 if diverged:
                     raise NonFiniteStop(
                         f"step {done} had a non-finite loss ({float(metrics['loss'])}), "

@@ -75,13 +75,18 @@ def split_microbatches(batch: Batch, microbatches: int) -> Batch:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
                     rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1,
-                    lora: bool = False, dropout_seed: int | None = None
+                    lora: bool = False, dropout_seed: int | None = None,
+                    loss_fn: Callable | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a global batch, accumulating `microbatches` gradients by scan.
 
     `lora`: train the adapters only (module doc); `dropout_seed`: LoRA dropout on, its masks
-    from (seed, step, microbatch)."""
-    loss_fn = make_loss_fn(graphdef, z_loss, rules, loss_chunks)
+    from (seed, step, microbatch). `loss_fn(params, batch, dropout_key) -> (objective sum,
+    (loss sum, count[, metric sums]))` defaults to the next-token loss (`make_loss_fn`);
+    `train/objectives.py` has DPO's, whose metric sums (a dict) are divided by the count into
+    metrics of the same names.
+    """
+    loss_fn = loss_fn or make_loss_fn(graphdef, z_loss, rules, loss_chunks)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, frozen = trainable_and_frozen(state["params"], lora)
@@ -89,18 +94,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         step_key = (None if dropout_seed is None
                     else jax.random.fold_in(jax.random.key(dropout_seed), state["step"]))
         if microbatches == 1:
-            grads, (nll_sum, count) = grad_fn(params, batch, step_key)
+            grads, aux = grad_fn(params, batch, step_key)
         else:
             def accumulate(carry, xs):
                 microbatch, index = xs
                 key = None if step_key is None else jax.random.fold_in(step_key, index)
-                grads, (nll_sum, count) = grad_fn(params, microbatch, key)
-                return jax.tree.map(jnp.add, carry, (grads, nll_sum, count)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch, key)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll_sum, count), _ = jax.lax.scan(
-                accumulate, zeros, (split_microbatches(batch, microbatches),
-                                    jnp.arange(microbatches)))
+            microbatched = split_microbatches(batch, microbatches)
+            aux_shapes = jax.eval_shape(
+                lambda p, b: loss_fn(combine(p, frozen), b, step_key)[1], params,
+                jax.tree.map(lambda x: x[0], microbatched))
+            zeros = (jax.tree.map(jnp.zeros_like, params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+            (grads, aux), _ = jax.lax.scan(accumulate, zeros,
+                                           (microbatched, jnp.arange(microbatches)))
+        nll_sum, count, *extra = aux
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
@@ -119,15 +128,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         metrics = {"loss": nll_sum / count, "grad_norm": grad_norm,
                    "lr": schedule(state["step"] - state["skipped"]), "tokens": count,
                    "nonfinite": (~finite).astype(jnp.int32), "skipped": new_state["skipped"]}
+        metrics.update({k: v / count for k, v in (extra[0] if extra else {}).items()})
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rules: Rules = DATA_PARALLEL.activations,
-                   loss_chunks: int = 1) -> Callable[[nnx.State, Batch], tuple]:
-    """`eval_step(params, batch) -> (nll_sum, token_count)`; average over batches on the host."""
-    loss_fn = make_loss_fn(graphdef, rules=rules, loss_chunks=loss_chunks)
+                   loss_chunks: int = 1, loss_fn: Callable | None = None
+                   ) -> Callable[[nnx.State, Batch], tuple]:
+    """`eval_step(params, batch) -> (nll_sum, token_count[, metric sums])`; average over
+    batches on the host. `loss_fn`: as for `make_train_step` (default: the next-token loss
+    without z-loss)."""
+    loss_fn = loss_fn or make_loss_fn(graphdef, rules=rules, loss_chunks=loss_chunks)
 
     def eval_step(params: nnx.State, batch: Batch):
         return loss_fn(params, batch)[1]
