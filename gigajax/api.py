@@ -15,6 +15,7 @@ that names the field; nothing here prints unless asked (`progress`, `console`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,19 +37,25 @@ from gigajax.checkpoint import params as _params
 from gigajax.checkpoint.params import saved_config
 from gigajax.config import apply_overrides, fixed_device_count
 from gigajax.config import load_config as _load_config
+from gigajax.data.chat import chat_prompt_ids
 from gigajax.data.pipeline import data_tokenizer
 from gigajax.data.tokenizer import Tokenizer
 from gigajax.errors import ConfigError, GigajaxError
 from gigajax.eval import benchmark
-from gigajax.infer.generate import STRATEGIES, GenerateOptions
+from gigajax.infer.generate import Generation, options_for
 from gigajax.infer.generate import generate as _generate
 from gigajax.infer.loading import build_model as _model_around
-from gigajax.infer.loading import load_trained
+from gigajax.infer.loading import generation_mesh, load_trained, shard_model
 from gigajax.model import Decoder
 from gigajax.ops.loss import cross_entropy_sums
 from gigajax.parallel import multihost
 from gigajax.parallel.devices import ensure_devices, simulate_cpu_devices
-from gigajax.parallel.shardings import abstract_model, init_sharded, param_shardings
+from gigajax.parallel.shardings import (
+    abstract_model,
+    activation_rules,
+    init_sharded,
+    param_shardings,
+)
 from gigajax.plan import advise as _advise
 from gigajax.plan import equivalence, planner
 from gigajax.plan.layouts import Layout, devices_needed, parse_layouts
@@ -150,24 +157,33 @@ def train(config: ConfigLike, workdir: str | Path, *, progress: bool = True,
     return Run(Path(workdir), cfg, result.state, result.summary, result.start_step)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(tokens_BT)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens_BT: jax.Array,
+            rules: tuple | None = None) -> jax.Array:
+    """The logits of a batch; `rules`: activation rules (items) of a model on a mesh."""
+    with activation_rules(dict(rules)) if rules else contextlib.nullcontext():
+        return nnx.merge(graphdef, state)(tokens_BT)
 
 
 class LM:
-    """A trained language model on one device, with its config and tokenizer."""
+    """A trained language model with its config and tokenizer: on one device, or on a mesh of
+    `tensor` x `fsdp` devices with its weights sharded (`load(..., mesh=...)`)."""
 
     def __init__(self, model: Decoder, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                 step: int | None = None, path: Path | None = None):
+                 step: int | None = None, path: Path | None = None, mesh: Mesh | None = None,
+                 rules: tuple | None = None):
         self.model, self.config, self.tokenizer = model, config, tokenizer
-        self.step, self.path = step, path
+        self.step, self.path, self.mesh, self._rules = step, path, mesh, rules
         self._graphdef, self._state = nnx.split(model)
 
     def __repr__(self) -> str:
         m = self.config.model
+        where = f", mesh {dict(self.mesh.shape)}" if self.mesh is not None else ""
         return (f"LM({self.path}, step {self.step}: {m.n_layers} layers, d_model {m.d_model}, "
-                f"vocab {m.vocab_size})")
+                f"vocab {m.vocab_size}{where})")
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def encode(self, text_or_ids: str | Sequence[int] | np.ndarray) -> np.ndarray:
         """Token ids [T] (or [B, T]) of a text, or the ids as given."""
@@ -181,11 +197,20 @@ class LM:
                                f"[{ids.min()}, {ids.max()}].")
         return ids
 
+    def chat_ids(self, messages: str | Sequence[Mapping[str, str]]) -> np.ndarray:
+        """The prompt ids of a conversation (a text is one user message) rendered by the
+        tokenizer's chat template with the assistant's turn opened (`data/chat.py`)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return chat_prompt_ids(self.tokenizer, list(messages))
+
     def logits(self, text_or_ids: str | Sequence[int] | np.ndarray) -> np.ndarray:
         """Next-token logits (float32) at every position: [T, V] for one sequence, [B, T, V]
         for a batch of ids [B, T]."""
         ids = self.encode(text_or_ids)
-        out = np.asarray(_logits(self._graphdef, self._state, jnp.asarray(np.atleast_2d(ids))))
+        with self._on_mesh():
+            out = np.asarray(_logits(self._graphdef, self._state,
+                                     jnp.asarray(np.atleast_2d(ids)), self._rules))
         return out[0] if ids.ndim == 1 else out
 
     def loss(self, text_or_ids: str | Sequence[int] | np.ndarray) -> float:
@@ -200,24 +225,40 @@ class LM:
         return float(nll / count)
 
     def generate(self, prompt: str | Sequence[int] | np.ndarray, max_new_tokens: int = 32, *,
-                 strategy: str = "greedy", stop_at_eos: bool = True, **options: Any
-                 ) -> str | np.ndarray:
-        """The continuation of `prompt`: text for a text prompt, ids [N] for ids [T].
-        `strategy`: one of STRATEGIES (`infer/generate.py`); `options`: the other
-        GenerateOptions fields (num_beams, top_k, penalty_alpha, seed, token_healing, ...)."""
-        if strategy not in STRATEGIES:
-            raise GigajaxError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}.")
-        ids = self.encode(prompt)
-        if ids.ndim != 1:
-            raise GigajaxError("generate takes one prompt ([T] ids or a text).")
+                 strategy: str = "greedy", stop_at_eos: bool = True, chat: bool = False,
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+                 **options: Any) -> str | np.ndarray:
+        """The continuation of `prompt`: text for a text prompt (or `chat`: the reply to it,
+        a user message or a list of messages), ids [N] for ids [T]. `strategy`: one of
+        STRATEGIES; `options`: temperature, top_k, top_p, min_p, repetition_penalty, seed,
+        num_beams, length_penalty, early_stopping, penalty_alpha, token_healing,
+        prefill_chunk (`infer/generate.py`: options_for). `stop`: stop strings; `on_text`
+        receives the new text as it is generated."""
+        stream = None if on_text is None else (lambda _row, text: on_text(text))
+        out = self.complete([prompt], max_new_tokens, strategy=strategy, chat=chat,
+                            stop_at_eos=stop_at_eos, stop=stop, on_text=stream, **options)[0]
+        return out.tokens if not chat and not isinstance(prompt, str) else out.text
+
+    def complete(self, prompts: Sequence[str | Sequence[int] | np.ndarray | Sequence[Mapping]],
+                 max_new_tokens: int = 32, *, strategy: str = "greedy", chat: bool = False,
+                 stop_at_eos: bool = True, stop: Sequence[str] = (),
+                 on_text: Callable[[int, str], None] | None = None, **options: Any
+                 ) -> list[Generation]:
+        """The continuations of several prompts, run as one left-padded batch: a Generation
+        (tokens, text, why it stopped) per prompt; `on_text(row, text)` streams. The other
+        arguments as for `generate`."""
+        opts = options_for(strategy, max_new_tokens=max_new_tokens, **options)
+        ids = [self.chat_ids(p) if chat else self.encode(p) for p in prompts]
+        if any(i.ndim != 1 for i in ids):
+            raise GigajaxError("each prompt is one text or [T] ids (for a batch, a list).")
         longest = self.config.model.max_seq_len
-        if len(ids) + max_new_tokens > longest:
-            raise GigajaxError(f"the prompt ({len(ids)} tokens) and max_new_tokens="
+        if (worst := max(len(i) for i in ids)) + max_new_tokens > longest:
+            raise GigajaxError(f"the prompt ({worst} tokens) and max_new_tokens="
                                f"{max_new_tokens} exceed model.max_seq_len={longest}.")
-        opts = GenerateOptions(strategy=strategy, max_new_tokens=max_new_tokens, **options)
         stops = [self.tokenizer.eos_id] if stop_at_eos else []
-        out = _generate(self.model, [ids], opts, tokenizer=self.tokenizer, stop_ids=stops)[0]
-        return out.text if isinstance(prompt, str) else out.tokens
+        with self._on_mesh():
+            return _generate(self.model, ids, opts, tokenizer=self.tokenizer, stop_ids=stops,
+                             stop_strings=stop, on_text=on_text, rules=self._rules)
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, *, dtype: str = "float32",
@@ -246,15 +287,40 @@ def merge_lora(checkpoint: str | Path, out: str | Path, *, step: int | None = No
     return _params.merge_lora(checkpoint, out, step, dtype)
 
 
-def load(checkpoint: str | Path, *overrides: str, step: int | None = None, **named: Any) -> LM:
+def load(checkpoint: str | Path, *overrides: str, step: int | None = None,
+         mesh: str | Mapping[str, int] | None = None, **named: Any) -> LM:
     """The model of a checkpoint: a training workdir (its latest step, or `step`), a step
     directory, a params checkpoint (`gigajax ckpt export`, `convert from-hf`) or a Hugging Face
-    model directory. Overrides (`"a.b=v"` or
-    `**{"a.b": v}`) change how the model runs (RoPE scaling, dtype), never its shapes."""
-    trained = load_trained(checkpoint, list(overrides), step, named)
+    model directory. Overrides (`"a.b=v"` or `**{"a.b": v}`) change how the model runs (RoPE
+    scaling, dtype), never its shapes. `mesh` ("tensor=2,fsdp=2" or a dict) places the weights
+    sharded over that many devices (simulated on CPU when JAX has not started yet); a LoRA
+    run's adapters load unmerged."""
+    sizes = _mesh_sizes(mesh)
+    if sizes:
+        ensure_devices(int(np.prod(list(sizes.values()))))
+    trained = load_trained(checkpoint, list(overrides), step, named, on_host=bool(sizes))
     model = _model_around(trained.params, trained.config)
+    on_mesh, rules = None, None
+    if sizes:
+        on_mesh = generation_mesh(sizes)
+        model, rules = shard_model(model, on_mesh)
     return LM(model, trained.config, data_tokenizer(trained.config.data), trained.step,
-              trained.path)
+              trained.path, on_mesh, rules)
+
+
+def _mesh_sizes(mesh: str | Mapping[str, int] | None) -> dict[str, int]:
+    """{axis: size} of a `load(mesh=...)` argument; {} for one device."""
+    if mesh is None or mesh == "":
+        return {}
+    if isinstance(mesh, str):
+        found = parse_layouts(mesh)
+        if len(found) != 1:
+            raise GigajaxError(f"--mesh {mesh!r}: give one mesh, e.g. tensor=2,fsdp=2.")
+        mesh = found[0]
+    sizes = {str(k): v for k, v in dict(mesh).items()}
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes.values()):
+        raise GigajaxError(f"--mesh {sizes}: each axis size is an integer >= 1.")
+    return {k: v for k, v in sizes.items() if v > 1}
 
 
 def eval_passkey(checkpoint: str | Path, lengths: str | Sequence[int], *,

@@ -109,7 +109,7 @@ def test_lm_refuses_what_it_cannot_do(tmp_path):
     gigajax.train(gigajax.load_config(TINY, **{**QUICK, "train.steps": 1}), tmp_path,
                   progress=False)
     lm = gigajax.load(tmp_path)
-    with pytest.raises(GigajaxError, match="strategy='nucleus'"):
+    with pytest.raises(GigajaxError, match="strategy 'nucleus': choose one of"):
         lm.generate("x", 4, strategy="nucleus")
     with pytest.raises(GigajaxError, match="model.max_seq_len=128"):
         lm.generate("x" * 120, 16)

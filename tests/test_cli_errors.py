@@ -48,7 +48,31 @@ def cases(run: Path, text: Path, tmp: Path) -> list[tuple[list[str], str]]:
     hf_dir = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
     from_hf = ["convert", "from-hf", hf_dir, "--out", str(tmp / "x")]
     to_hf = ["convert", "to-hf", str(run), "--out", str(tmp / "x")]
+    gen = ["generate", "--checkpoint", str(run), "--prompt", "def ", "--output",
+           str(tmp / "g.jsonl")]
+    (tmp / "prompts.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     return [
+        (["generate", "--checkpoint", str(run)], "--prompt"),
+        (["generate", "--checkpoint", missing, "--prompt", "x"], "does not exist"),
+        ([*gen, "--strategy", "nucleus"], "invalid choice"),
+        ([*gen, "--strategy", "sample", "--top-p", "1.5"], "--top-p 1.5"),
+        ([*gen, "--strategy", "sample", "--top-p", "0"], "--top-p 0"),
+        ([*gen, "--strategy", "sample", "--temperature", "0"], "--temperature"),
+        ([*gen, "--strategy", "sample", "--min-p", "1"], "--min-p"),
+        ([*gen, "--temperature", "0.7"], "--temperature applies to --strategy sample"),
+        ([*gen, "--strategy", "beam", "--top-k", "3"], "--top-k applies"),
+        ([*gen, "--strategy", "beam", "--num-beams", "0"], "--num-beams 0"),
+        ([*gen, "--strategy", "contrastive", "--penalty-alpha", "2"], "--penalty-alpha"),
+        ([*gen, "--strategy", "sample", "--seed", "-1"], "--seed"),
+        ([*gen, "--max-new-tokens", "0"], "--max-new-tokens"),
+        ([*gen, "--max-new-tokens", "100000"], "exceed model.max_seq_len"),
+        ([*gen, "--token-healing", "-1"], "--token-healing"),
+        ([*gen, "--batch-size", "0"], "--batch-size"),
+        ([*gen, "--mesh", "sequence=2"], "generation splits the model over fsdp and tensor"),
+        ([*gen, "--mesh", "tensor=x"], "tensor=x"),
+        ([*gen, "--chat"], "chat template"),
+        ([*gen[:5], "--prompts-file", str(tmp / "prompts.jsonl")], "prompts.jsonl:2"),
+        ([*gen, "--config.model.d_model=32"], "not its sizes"),
         (["convert", "from-hf", missing, "--out", str(tmp / "x")], "does not exist"),
         (["convert", "from-hf", str(run), "--out", str(tmp / "x")], "`convert to-hf` exports"),
         (["convert", "from-hf", hf_dir, "--out", file], "already exists"),
@@ -141,7 +165,7 @@ def test_every_flag_refuses_a_bad_value_with_one_message(run, text, tmp_path, ca
         err = capsys.readouterr().err
         if code != 2 or expected not in err or "Traceback" in err:
             failures.append(f"{' '.join(argv)}: exit {code}, stderr {err.strip()[-300:]!r}")
-    for leftover in ("w", "t.json", "p", "x", "a", "e"):
+    for leftover in ("w", "t.json", "p", "x", "a", "e", "g.jsonl"):
         if (tmp_path / leftover).exists():
             failures.append(f"{leftover} was written by a refused command")
     assert not failures, "\n".join(failures)

@@ -104,6 +104,11 @@ def test_each_cell_scores_its_own_length_and_depth():
     want = [[right_rows[n, d] / 3 for d in depths] for n in lengths]
     assert result["scores"] == want
     assert result["mean"] == pytest.approx(10 / 18)
+    for i, n in enumerate(lengths):  # every answer recorded, in its cell, with its key
+        for j, d in enumerate(depths):
+            cell = result["answers"][i][j]
+            assert len(cell) == 3
+            assert sum(passkey.is_right(a["answer"], a["key"]) for a in cell) == right_rows[n, d]
     assert result["lengths"] == lengths and result["depths"] == depths
 
 
@@ -263,6 +268,10 @@ def test_cli_writes_json_and_heatmap_and_prints_a_table(trained_run, tmp_path, c
         scores = np.asarray(run["scores"])
         assert scores.shape == (2, 2) and np.all((scores >= 0) & (scores <= 1))
         assert run["mean"] == pytest.approx(scores.mean())
+        cells = [cell for row in run["answers"] for cell in row]  # [length][depth][sample]
+        assert len(cells) == 4 and all(len(c) == 3 for c in cells)
+        right = [np.mean([passkey.is_right(a["answer"], a["key"]) for a in c]) for c in cells]
+        assert right == pytest.approx(scores.ravel())
     assert "RoPE as trained" in printed and "YaRN, factor length/200" in printed
 
 

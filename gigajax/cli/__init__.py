@@ -1,9 +1,10 @@
-"""`gigajax` command line: train, check-layouts, plan, data, ckpt, convert, eval.
+"""`gigajax` command line: train, check-layouts, plan, data, ckpt, convert, eval, generate.
 
 `gigajax train --config FILE --workdir DIR [--config.a.b=v ...]` trains or resumes;
 `gigajax check-layouts --config FILE --layouts "data=8;fsdp=8"` compares layouts with one device;
 `gigajax plan --config FILE [--advise]` predicts memory and traffic; `gigajax data ...`,
-`gigajax ckpt ...` and `gigajax eval ...` have subcommands. One module per command group, each
+`gigajax ckpt ...` and `gigajax eval ...` have subcommands; `gigajax generate --checkpoint DIR
+--prompt TEXT` continues prompts. One module per command group, each
 parsing its flags and calling the Python API (`gigajax/api.py`) or the library.
 
 User errors (`GigajaxError`, and an `OSError` on a path given) are printed as one paragraph
@@ -20,10 +21,10 @@ signals.install_early()
 import argparse  # noqa: E402  (after the SIGTERM handler: these imports take seconds)
 import sys  # noqa: E402
 
-from gigajax.cli import ckpt, convert, data, evaluate, layouts, plan, train  # noqa: E402
+from gigajax.cli import ckpt, convert, data, evaluate, generate, layouts, plan, train  # noqa: E402
 from gigajax.errors import GigajaxError  # noqa: E402
 
-COMMANDS = (train, layouts, plan, data, ckpt, convert, evaluate)
+COMMANDS = (train, layouts, plan, data, ckpt, convert, evaluate, generate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gigajax.data.readers import BadRecord, Chat
 from gigajax.data.tokenizer import HFTokenizer, Tokenizer
 from gigajax.errors import DataError
@@ -103,16 +105,18 @@ def _compile(source: str):
     return env.from_string(source)
 
 
-def chat_pieces(template: ChatTemplate, chat: Chat, index: int) -> list[Piece]:
+def chat_pieces(template: ChatTemplate, chat: Chat, index: int,
+                add_generation_prompt: bool = False) -> list[Piece]:
     """The rendered conversation as pieces (text, is_target, is_template_text) whose texts
-    join to the template's rendering; BadRecord(index) when the template refuses it or is not
-    prefix-stable or rewrites contents (module doc)."""
+    join to the template's rendering (with the assistant's turn opened after it when
+    `add_generation_prompt`, for generation); BadRecord(index) when the template refuses it or
+    is not prefix-stable or rewrites contents (module doc)."""
     from jinja2 import TemplateError
 
     real = [{"role": r, "content": c} for r, c in chat.messages]
     marked = [{"role": r, "content": f"\x00{i}\x00"} for i, (r, _) in enumerate(chat.messages)]
     try:
-        full = template.render(marked)
+        full = template.render(marked, add_generation_prompt)
         target = [False] * len(full)
         for i, (role, _) in enumerate(chat.messages):
             if role != "assistant":
@@ -125,7 +129,7 @@ def chat_pieces(template: ChatTemplate, chat: Chat, index: int) -> list[Piece]:
                                 "prefixes are not prefixes of each other), so the assistant "
                                 "turns have no stable tokens to train; use --sft instead.")
             target[len(head):len(upto)] = [True] * (len(upto) - len(head))
-        rendered = template.render(real)
+        rendered = template.render(real, add_generation_prompt)
     except (TemplateError, ValueError, TypeError) as e:
         raise BadRecord(index, f"the chat template refused the messages "
                         f"({type(e).__name__}: {e}).") from None
@@ -142,6 +146,38 @@ def chat_pieces(template: ChatTemplate, chat: Chat, index: int) -> list[Piece]:
                         "(strips or cuts them), so they cannot be encoded apart from its "
                         "special tokens; use --sft instead.")
     return [p for p in pieces if p[0]]
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str | np.ndarray, bool, bool]]
+                  ) -> list[np.ndarray]:
+    """The ids of each piece: documents' text as plain text, a template's own text with its
+    specials parsed, ids as they are; one batch call of each kind."""
+    out: list[np.ndarray | None] = [p if isinstance(p, np.ndarray) else None for p, _, _ in pieces]
+    for specials in (False, True):
+        where = [k for k, (p, _, s) in enumerate(pieces) if isinstance(p, str) and s == specials]
+        if not where:
+            continue
+        texts = [pieces[k][0] for k in where]
+        encode = tokenizer.encode_batch_with_specials if specials else tokenizer.encode_batch
+        for k, ids in zip(where, encode(texts), strict=True):
+            out[k] = ids
+    return out
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> np.ndarray:
+    """A generation prompt: `messages` ({"role", "content"} dicts) rendered by the tokenizer's
+    chat template with the assistant's turn opened, encoded as training encodes chats."""
+    template = load_chat_template(tokenizer)
+    try:
+        chat = Chat(tuple((str(m["role"]), str(m["content"])) for m in messages))
+        pieces = chat_pieces(template, chat, 0, add_generation_prompt=True)
+    except (KeyError, TypeError):
+        raise DataError("--chat: each message is a {\"role\": ..., \"content\": ...} "
+                        "object.") from None
+    except BadRecord as e:
+        raise DataError(f"--chat: {e.message}") from None
+    ids = encode_pieces(tokenizer, pieces)
+    return np.concatenate(ids).astype(np.int32) if ids else np.zeros((0,), np.int32)
 
 
 def _split_by_target(text: str, target: list[bool]) -> list[Piece]:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from gigajax.data import readers, store
-from gigajax.data.chat import ChatTemplate, chat_pieces, load_chat_template
+from gigajax.data.chat import ChatTemplate, chat_pieces, encode_pieces, load_chat_template
 from gigajax.data.stdlib_corpus import is_validation
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
 from gigajax.data.verify import verify_prepared
@@ -121,7 +121,7 @@ def tokenize_unit(unit: readers.Unit, opts: Options, tokenizer: Tokenizer) -> Un
     def encode(batch: list[tuple[int, readers.Record]]) -> None:
         if opts.masked:
             records = [_pieces(rec, i, template, eos) for i, rec in batch]
-            flat = _encode_pieces(tokenizer, [p for rec in records for p in rec])
+            flat = encode_pieces(tokenizer, [p for rec in records for p in rec])
         else:
             flat = tokenizer.encode_batch([rec for _, rec in batch])
         j = 0
@@ -181,22 +181,6 @@ def _pieces(rec: readers.Record, index: int, template: ChatTemplate | None,
         return [(rec.prompt, False, False), (rec.chosen, True, False), (eos, True, False),
                 (rec.prompt, False, False), (rec.rejected, True, False)]
     return [(text, target, False) for text, target in rec]
-
-
-def _encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str | np.ndarray, bool, bool]]
-                   ) -> list[np.ndarray]:
-    """The ids of each piece: documents' text as plain text, a template's own text with its
-    specials parsed (`chat.py`), ids as they are; one batch call of each kind."""
-    out: list[np.ndarray | None] = [p if isinstance(p, np.ndarray) else None for p, _, _ in pieces]
-    for specials in (False, True):
-        where = [k for k, (p, _, s) in enumerate(pieces) if isinstance(p, str) and s == specials]
-        if not where:
-            continue
-        texts = [pieces[k][0] for k in where]
-        encode = tokenizer.encode_batch_with_specials if specials else tokenizer.encode_batch
-        for k, ids in zip(where, encode(texts), strict=True):
-            out[k] = ids
-    return out
 
 
 _WORKER: dict[str, Any] = {}

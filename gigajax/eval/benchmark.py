@@ -182,6 +182,7 @@ def run_passkey(trained: Trained, lengths: Sequence[int], depths: Sequence[float
                      "factors": [rope.factor_at(n, original) for n in lengths],
                      "scores": grid["scores"], "mean": grid["mean"],
                      "mean_by_length": scores.mean(axis=1).tolist(),
+                     "answers": grid["answers"],
                      "seconds": round(time.perf_counter() - start, 1)})
     return {"benchmark": "passkey", "checkpoint": _shown(trained.path), "step": trained.step,
             "lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,

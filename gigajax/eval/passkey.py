@@ -30,24 +30,29 @@ def is_right(answer: str, key: str) -> bool:
 def score_grid(generate: Generate, tokenizer: Tokenizer, lengths: Sequence[int],
                depths: Sequence[float], samples: int = 5, seed: int = 0, key_digits: int = 5,
                progress: Callable[[int, int], None] | None = None) -> dict:
-    """Mean score per (length, depth) over `samples` prompts each; JSON-ready.
-
-    The prompts of one cell have the same length, so `generate` answers them as one batch.
+    """Mean score per (length, depth) over `samples` prompts each, and every answer the model
+    gave (`answers[i][j]`: the cell's {key, answer} per sample, so a score of 0 can be read);
+    JSON-ready. The prompts of one cell have the same length, so `generate` answers them as
+    one batch.
     """
     grid = list(itertools.product(lengths, depths))
     scores = np.zeros((len(lengths), len(depths)))
+    answers: list[list[list[dict[str, str]]]] = [[[] for _ in depths] for _ in lengths]
     for k, (length, depth) in enumerate(grid):
         prompts = [make_prompt(tokenizer, length, depth, seed, sample, key_digits)
                    for sample in range(samples)]
         new_tokens = max(len(tokenizer.encode(" " + p.key)) for p in prompts) + 1
         answers_BN = generate(np.stack([p.ids for p in prompts]), new_tokens)
-        right = sum(is_right(tokenizer.decode(answer_N), p.key)
-                    for answer_N, p in zip(answers_BN, prompts, strict=True))
+        texts = [tokenizer.decode(answer_N) for answer_N in answers_BN]
+        right = sum(is_right(text, p.key) for text, p in zip(texts, prompts, strict=True))
         scores[k // len(depths), k % len(depths)] = right / samples
+        answers[k // len(depths)][k % len(depths)] = [
+            {"key": p.key, "answer": text} for text, p in zip(texts, prompts, strict=True)]
         if progress:
             progress(k + 1, len(grid))
     return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,
-            "key_digits": key_digits, "scores": scores.tolist(), "mean": float(scores.mean())}
+            "key_digits": key_digits, "scores": scores.tolist(), "mean": float(scores.mean()),
+            "answers": answers}
 
 
 def plot_heatmap(result: dict | Sequence[dict], path: str | Path,

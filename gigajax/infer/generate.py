@@ -76,6 +76,40 @@ class GenerateOptions:
         return loop.TokenByToken(None, self.sampling.repetition_penalty)
 
 
+SAMPLING_FLAGS = ("temperature", "top_p", "min_p")  # and top_k: sample's, or contrastive's
+APPLIES_TO = {"temperature": ("sample",), "top_p": ("sample",), "min_p": ("sample",),
+              "top_k": ("sample", "contrastive"), "seed": ("sample",),
+              "num_beams": ("beam",), "length_penalty": ("beam",), "early_stopping": ("beam",),
+              "penalty_alpha": ("contrastive",)}
+
+
+def options_for(strategy: str = "greedy", **flags) -> GenerateOptions:
+    """GenerateOptions from flat flags, as `gigajax generate` and `LM.generate` take them:
+    `temperature`, `top_p`, `min_p`, `repetition_penalty` go into `sampling`; `top_k` is
+    sampling's under sample and the candidate count under contrastive. A flag given (not None)
+    for a strategy it does not apply to is an error naming it, never silently ignored."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    known = {f.name for f in dataclasses.fields(GenerateOptions)} | {*SAMPLING_FLAGS,
+                                                                      "repetition_penalty"}
+    if unknown := sorted(set(given) - known - {"strategy"}):
+        raise GigajaxError(f"unknown generation option(s) {', '.join(unknown)}: use "
+                           f"{', '.join(sorted(known - {'sampling'}))}.")
+    if strategy not in STRATEGIES:
+        raise GigajaxError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
+    for name in given:
+        if strategy not in APPLIES_TO.get(name, STRATEGIES):
+            raise GigajaxError(f"--{_flag(name)} applies to --strategy "
+                               f"{' or '.join(APPLIES_TO[name])}, not {strategy}.")
+    sampling = {k: given.pop(k) for k in (*SAMPLING_FLAGS, "repetition_penalty") if k in given}
+    if strategy == "sample" and "top_k" in given:
+        sampling["top_k"] = given.pop("top_k")
+    if sampling:
+        if "sampling" in given:
+            raise GigajaxError("give either sampling=Sampling(...) or its fields, not both.")
+        given["sampling"] = Sampling(**sampling)
+    return GenerateOptions(strategy=strategy, **given)
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 

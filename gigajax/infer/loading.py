@@ -13,7 +13,7 @@ params, never their shapes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from gigajax.checkpoint.manager import shape_mismatch, tree_shapes
 from gigajax.checkpoint.params import read_params
@@ -28,7 +29,9 @@ from gigajax.config import ModelConfig, apply_overrides, base_config, config_fro
 from gigajax.config.schema import MESH_AXES
 from gigajax.errors import GigajaxError
 from gigajax.model import Decoder
-from gigajax.parallel.shardings import abstract_model
+from gigajax.parallel.mesh import make_mesh
+from gigajax.parallel.rules import make_layout
+from gigajax.parallel.shardings import abstract_model, activation_rules, param_shardings
 from gigajax.train.preflight import preflight
 
 
@@ -45,16 +48,18 @@ class Trained:
 
 
 def load_trained(checkpoint: str | Path, overrides: list[str] = (), step: int | None = None,
-                 named: Mapping[str, Any] | None = None) -> Trained:
-    """Read the params and config of `checkpoint` (see the module docstring)."""
+                 named: Mapping[str, Any] | None = None, on_host: bool = False) -> Trained:
+    """Read the params and config of `checkpoint` (see the module docstring); `on_host`:
+    leave them as numpy arrays (to be placed on a mesh by `shard_model`)."""
     found = read_params(checkpoint, step)
     if found.config is None:
         raise GigajaxError(f"{found.path} holds no config (meta has none and there is no "
                            "config.json beside it): cannot tell which model the params are.")
     cfg = config_with_overrides(found.config, overrides, named)
-    device = jax.devices()[0]
     # np.asarray: a Hugging Face directory's params are lazy HFTensors, read here
-    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), device), found.params)
+    params = jax.tree.map(np.asarray, found.params)
+    if not on_host:
+        params = jax.device_put(params, jax.devices()[0])
     return Trained(params, cfg, found.config, found.step, found.path, found.workdir)
 
 
@@ -90,3 +95,36 @@ def build_model(params: dict, cfg: ml_collections.ConfigDict) -> Decoder:
 def trained_context(saved: dict[str, Any]) -> int:
     """The context length a run trained at: its data.seq_len."""
     return int(saved.get("data", {}).get("seq_len") or base_config().data.seq_len)
+
+
+GENERATION_AXES = ("fsdp", "tensor")  # the batch of a generation is small: no data split
+
+
+def generation_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+                    ) -> Mesh:
+    """The mesh a model generates on: `tensor` and `fsdp` as given (every other axis 1), over
+    the first devices; a GigajaxError names an axis that generation does not split over."""
+    if bad := sorted(a for a, n in sizes.items() if a not in GENERATION_AXES and int(n) != 1):
+        raise GigajaxError(f"mesh {', '.join(f'{a}={sizes[a]}' for a in bad)}: generation "
+                           f"splits the model over {' and '.join(GENERATION_AXES)} only.")
+    cfg = ml_collections.ConfigDict({a: int(sizes.get(a, 1)) for a in MESH_AXES})
+    if min(cfg.values()) < 1:
+        raise GigajaxError(f"mesh {dict(sizes)}: every axis size is an integer >= 1.")
+    devices = list(devices if devices is not None else jax.devices())
+    need = int(np.prod(list(cfg.values())))
+    if need > len(devices):
+        raise GigajaxError(f"mesh {dict(sizes)} needs {need} devices; {len(devices)} are "
+                           "available.")
+    return make_mesh(cfg, devices[:need])
+
+
+def shard_model(model: Decoder, mesh: Mesh) -> tuple[Decoder, tuple]:
+    """The model with its params placed in the training layout's shardings on `mesh` (each
+    device holds its shard only), and the activation rules to generate under (items; the
+    batch replicated)."""
+    layout = make_layout(model.cfg.n_kv_heads, dict(mesh.shape))
+    graphdef, state = nnx.split(model)
+    with activation_rules(layout.activations):
+        shardings = param_shardings(state, mesh, layout.params)
+    placed = jax.device_put(state, shardings)
+    return nnx.merge(graphdef, placed), tuple({**layout.activations, "batch": None}.items())
