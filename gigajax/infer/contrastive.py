@@ -45,6 +45,9 @@ class ContrastiveSearch:
         earlier_BS = (slots_S[None] >= ctx["start"][:, None]) & (slots_S[None] < index)
         penalty_BC = jnp.max(jnp.where(earlier_BS[:, None], cos_BCS, -jnp.inf), axis=-1)
         score_BC = (1 - self.penalty_alpha) * probs_BC - self.penalty_alpha * penalty_BC
+        # a candidate token healing ruled out (fewer allowed tokens than k) is never chosen
+        ruled_out_BC = jnp.take_along_axis(logits_BV, token_BC, axis=1) == -jnp.inf
+        score_BC = jnp.where(ruled_out_BC, -jnp.inf, score_BC)
         choice_B = jnp.argmax(score_BC, axis=-1)
         rows_B = jnp.arange(B) * k + choice_B
         s = record(s, jnp.take_along_axis(token_BC, choice_B[:, None], axis=1)[:, 0], ctx)

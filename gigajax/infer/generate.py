@@ -121,7 +121,7 @@ class Generation:
     tokens: np.ndarray  # generated ids [N'] (a stop token included)
     stop: str  # "stop token", "stop string" or "length"
     prompt: np.ndarray  # the prompt as run (token healing backs it up)
-    text: str | None = None  # tokens decoded (with a tokenizer), healed text included
+    text: str | None = None  # tokens decoded (with a tokenizer): what follows the prompt given
 
 
 def generate(model: Decoder, prompts: Sequence[np.ndarray], options: GenerateOptions, *,
@@ -141,7 +141,7 @@ def generate(model: Decoder, prompts: Sequence[np.ndarray], options: GenerateOpt
     if (stop_strings or options.token_healing or on_text) and tokenizer is None:
         raise GigajaxError("stop strings, token healing and streaming need the tokenizer.")
     cfg, N = model.cfg, options.max_new_tokens
-    removed = [b""] * len(prompts)
+    removed, token_bytes = [b""] * len(prompts), None
     stops = sorted(set(int(i) for i in stop_ids))  # padded with -1 to a multiple of 4 ids
     stops += [-1] * (-len(stops) % 4 or (0 if stops else 4))
     ctx: loop.Context = {"stop_ids": jnp.asarray(stops, jnp.int32),
@@ -162,7 +162,8 @@ def generate(model: Decoder, prompts: Sequence[np.ndarray], options: GenerateOpt
     graphdef, params = nnx.split(model)
     state = loop.start(params, jnp.asarray(prompts_BT), ctx, graphdef=graphdef,
                        strategy=strategy, max_new=N, chunk=options.prefill_chunk, rules=rules)
-    watch = Watcher(tokenizer, stop_strings, removed, on_text) if tokenizer else None
+    watch = (Watcher(tokenizer, stop_strings, removed, on_text, token_bytes) if tokenizer
+             else None)
     per_token = not isinstance(strategy, BeamSearch)
     step = segment or (16 if (on_text or stop_strings) and per_token else N)
     while True:
@@ -194,14 +195,22 @@ class Watcher:
     """Decoded text of the rows as they grow: streamed pieces and stop strings."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str],
-                 removed: Sequence[bytes], on_text: Callable[[int, str], None] | None):
+                 removed: Sequence[bytes], on_text: Callable[[int, str], None] | None,
+                 token_bytes: Sequence[bytes] | None = None):
         self.tokenizer, self.stop_strings, self.on_text = tokenizer, list(stop_strings), on_text
-        # healed text is spelled again by the generated tokens: show only what is new
-        self.skip = [len(r.decode("utf-8", errors="replace")) for r in removed]
+        self.removed, self.token_bytes = list(removed), token_bytes
         self.shown = [0] * len(removed)
 
     def text(self, row: int, tokens: np.ndarray) -> str:
-        return self.tokenizer.decode(tokens)[self.skip[row]:]
+        """The row's text after the prompt as given. A healed row's tokens first spell the
+        removed bytes again: its text is their bytes after those (decoding the tokens and
+        cutting characters would lose text where the decoder strips a leading space, as
+        SentencePiece's does)."""
+        if not self.removed[row]:
+            return self.tokenizer.decode(tokens)
+        tb = self.token_bytes
+        data = b"".join(tb[t] if t < len(tb) else b"" for t in tokens)
+        return data[len(self.removed[row]):].decode("utf-8", errors="replace")
 
     def stop_at(self, row: int, tokens: np.ndarray) -> int | None:
         """The fewest tokens whose text contains a stop string, or None."""

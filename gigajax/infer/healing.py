@@ -8,7 +8,8 @@ the removed text again, so the model may choose "://" itself.
 
 The constraint runs inside the decode loop: for each prompt, a table `allowed[i, v]` says
 whether token v may come next once i bytes of the removed text have been spelled again (v's
-bytes extend the rest, or are a prefix of it); a row past the end allows everything. The loop
+bytes extend the rest, or are a prefix of it that leaves a rest other tokens can spell); a row
+past the end allows everything. The loop
 carries the bytes spelled so far per row and adds the chosen token's byte length.
 """
 
@@ -49,7 +50,9 @@ def allowed_tables(removed: Sequence[bytes], token_bytes: Sequence[bytes], vocab
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(allowed [B, R + 1, V] bool, each token's byte length [V] int32, each removed text's
     length [B] int32), R the longest removed text. Row i of prompt b allows the tokens that can
-    follow once i of its bytes are spelled; rows i >= len(removed[b]) allow every token."""
+    follow once i of its bytes are spelled (a token that is a prefix of the rest only if some
+    tokens then spell what it leaves: no dead ends where a vocabulary lacks a byte); rows
+    i >= len(removed[b]) allow every token."""
     R = max((len(r) for r in removed), default=0)
     by_first = defaultdict(list)  # first byte -> the tokens starting with it
     for v, b in enumerate(token_bytes[:vocab_size]):
@@ -57,12 +60,15 @@ def allowed_tables(removed: Sequence[bytes], token_bytes: Sequence[bytes], vocab
             by_first[b[0]].append(v)
     allowed = np.ones((len(removed), R + 1, vocab_size), bool)
     for row, text in enumerate(removed):
-        for i in range(len(text)):
+        live = np.zeros(len(text) + 1, bool)  # from which offsets the rest can be spelled
+        live[len(text)] = True
+        for i in range(len(text) - 1, -1, -1):  # from the end: a prefix must leave a live rest
             rest = text[i:]
+            ok = [v for v in by_first[rest[0]] if token_bytes[v].startswith(rest)
+                  or (rest.startswith(token_bytes[v]) and live[i + len(token_bytes[v])])]
             allowed[row, i] = False
-            ok = [v for v in by_first[rest[0]]
-                  if token_bytes[v].startswith(rest) or rest.startswith(token_bytes[v])]
             allowed[row, i, ok] = True
+            live[i] = bool(ok)
     lengths = np.zeros(vocab_size, np.int32)
     lengths[:len(token_bytes)] = [len(b) for b in token_bytes[:vocab_size]]
     return allowed, lengths, np.asarray([len(r) for r in removed], np.int32)
