@@ -190,3 +190,75 @@ def test_import_timing_rows_sizes_and_round_trip(tmp_path):
     assert stream["bytes_read_mb"] == pytest.approx(tensor_mb)  # each byte read once
     assert rows[("to_hf", "")]["check"].startswith("ok")  # bitwise round trip
     assert len(list(csv.DictReader(open(out.with_suffix(".csv"))))) == 3
+
+
+GENERATE_MODEL = ["--config.model.d_model=32", "--config.model.mlp_dim=64",
+                  "--config.model.n_layers=2", "--config.model.n_heads=2",
+                  "--config.model.n_kv_heads=1", "--config.model.max_seq_len=64",
+                  "--config.data.seq_len=64"]
+
+
+def test_bench_generate_rates_are_its_rounds_and_ids_are_greedy_decoding(tmp_path):
+    """Prefill and decode tokens/s are the batch's tokens over the median of the rounds it
+    timed, within this call; the greedy ids it timed are `generate_batch`'s; the transformers
+    rows either ran on the same ids or the reason they did not is given."""
+    import statistics
+    import time
+
+    import jax
+    from flax import nnx
+
+    from gigajax.config import ModelConfig, load_config
+    from gigajax.infer.generate import generate_batch
+    from gigajax.model import Decoder
+
+    bench = load_script("bench_generate")
+    out = tmp_path / "generate.json"
+    start = time.perf_counter()
+    assert bench.main(["--batch-sizes", "1,2", "--prompt-len", "16", "--new-tokens", "8",
+                       "--strategies", "greedy,beam", "--num-beams", "2", "--repeats", "2",
+                       "--output", str(out), *GENERATE_MODEL]) == 0
+    wall = time.perf_counter() - start
+    result = json.loads(out.read_text())
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert len(rows) == len(result["rows"])
+    ours = [r for r in result["rows"] if r["framework"] == "gigajax"]
+    assert [(r["strategy"], r["batch"]) for r in ours] == [
+        ("greedy", 1), ("beam", 1), ("greedy", 2), ("beam", 2)]
+    for r in ours:
+        times = result["round_seconds"][f"gigajax {r['strategy']} {r['batch']}"]
+        assert len(times) == 2 and all(p > 0 and d > 0 for p, d in times)
+        assert sum(p + d for p, d in times) < wall
+        prefill, decode = (statistics.median(t[i] for t in times) for i in (0, 1))
+        assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * 16 / prefill)
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 8 / decode)
+        assert r["decode_ms_per_step"] == pytest.approx(decode / 8 * 1e3)
+        assert r["compile_s"] > 0
+    model_cfg = ModelConfig.from_config(load_config(ROOT / "configs" / "tiny.py",
+                                                    GENERATE_MODEL))
+    model = Decoder(model_cfg, rngs=nnx.Rngs(0))
+    assert ours[0]["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for b in (1, 2):
+        prompts = bench.random_prompts(b, 16, model_cfg.vocab_size, result["prompts_seed"])
+        assert result["greedy_tokens"][str(b)] == generate_batch(model, prompts, 8).tolist()
+    if result["hf_skipped"]:
+        assert len(rows) == 4 and "torch" in result["hf_skipped"]
+    else:  # one transformers row per batch, after gigajax's; the ratios are of the rows
+        hf = {r["batch"]: r for r in result["rows"] if r["framework"] == "transformers"}
+        assert sorted(hf) == [1, 2] and hf[1]["params"] == ours[0]["params"]
+        for r in ours:
+            assert r["decode_vs_hf"] == pytest.approx(
+                r["decode_tokens_per_s"] / hf[r["batch"]]["decode_tokens_per_s"])
+            if r["strategy"] == "greedy":
+                assert r["same_ids_as_hf"] == "yes"
+
+
+def test_bench_generate_refuses_more_threads_than_cpus(tmp_path, capsys):
+    import os
+
+    bench = load_script("bench_generate")
+    too_many = len(os.sched_getaffinity(0)) + 1
+    assert bench.main(["--threads", str(too_many), "--output", str(tmp_path / "g.json")]) == 2
+    assert f"--threads {too_many}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--strategies", "greedy,nucleus"])
