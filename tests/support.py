@@ -22,13 +22,17 @@ def without_cheap_compile_flags(xla_flags: str) -> str:
     return " ".join(f for f in xla_flags.split() if flag_name(f) not in names)
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(cheap_compile: bool = True, **extra: str) -> dict[str, str]:
     """This environment without the simulated-device count in XLA_FLAGS (the CLI or script
-    under test chooses its own), keeping the other XLA flags and the compilation cache."""
+    under test chooses its own), keeping the compilation cache and the other XLA flags; with
+    `cheap_compile=False` also without CHEAP_COMPILE_FLAGS, for a subprocess that trains for
+    long enough to pay for XLA's default code generation."""
     from gigajax.parallel.devices import without_device_count
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
+    if not cheap_compile:
+        env["XLA_FLAGS"] = without_cheap_compile_flags(env["XLA_FLAGS"])
     env.update(extra)
     return env
 

@@ -142,8 +142,8 @@ def test_check_layouts_reports_a_bad_layout_in_its_row_and_goes_on():
     assert not rows[3]["ok"] and "data.batch_size" in rows[3]["error"]
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    clean = subprocess_env()
+def _python(code: str, cheap_compile: bool = True, **env) -> subprocess.CompletedProcess:
+    clean = subprocess_env(cheap_compile)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**clean, **env})
 
@@ -161,14 +161,16 @@ def test_simulate_cpu_devices_first_in_a_fresh_process_and_too_late_after():
 @pytest.mark.slow(seconds=60)
 def test_the_issue_s_python_session_in_a_fresh_process(tmp_path):
     """The README's Python example, as a new user runs it: 20 steps of tiny on 2 simulated
-    devices, then a continuation from the saved run."""
+    devices, then generation from the saved run. Compiled the default way, as users do:
+    20 steps of the whole tiny model run long enough to pay for it (58 CPU-seconds against
+    109 with the cheap flags)."""
     code = ("import gigajax\n"
             "gigajax.simulate_cpu_devices(2)\n"
             "cfg = gigajax.load_config('configs/tiny.py', **{'train.steps': 20})\n"
             f"run = gigajax.train(cfg, {str(tmp_path)!r}, progress=False)\n"
             "print('steps', run.step, len(run.metrics))\n"
             f"print(repr(gigajax.load({str(tmp_path)!r}).generate('def ', 16)))\n")
-    result = _python(code)
+    result = _python(code, cheap_compile=False)
     assert result.returncode == 0, result.stderr
     assert "steps 20 2" in result.stdout  # logged at steps 10 and 20
     assert "warming up over all 20 steps" in result.stderr
