@@ -57,20 +57,21 @@ def _expected_seconds(item) -> float:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules longest first, each module's slow tests first. pyproject's `--dist loadscope`
-    runs each module whole on one worker (its module fixtures built once) and hands the next
-    module to whichever worker is free: longest first, none of the long ones starts last while
-    the other worker idles. A module's length is its slow tests' `seconds` plus 1 per other
-    test. (Work stealing split the list in halves, one per worker, and left the notebooks
-    queued behind the 9-minute PassKey run on the same worker: 26 minutes.)"""
+    """Modules with the longest tests first, so that with a worker per core none of them starts
+    last on one worker while the others sit idle; each module's tests stay together (its slow
+    ones first), since a module-scoped fixture is built again whenever a worker comes back to a
+    module it has left (test_dpo.py's training run was built up to four times). The order of
+    the rest is kept."""
     module_seconds: dict[str, float] = {}
+    module_index: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        module_seconds[module] = module_seconds.get(module, 0.0) + (_expected_seconds(item) or 1.0)
+        module_index.setdefault(module, len(module_index))
+        module_seconds[module] = max(module_seconds.get(module, 0.0), _expected_seconds(item))
 
-    def key(item) -> tuple[float, str, float]:
+    def key(item) -> tuple[float, int, float]:
         module = item.nodeid.split("::")[0]
-        return -module_seconds[module], module, -_expected_seconds(item)
+        return -module_seconds[module], module_index[module], -_expected_seconds(item)
 
     items.sort(key=key)
 
