@@ -397,7 +397,7 @@ def test_extension_script_fine_tunes_from_the_base_and_draws_every_panel(trained
 @pytest.mark.slow(seconds=540)
 def test_passkey_tiny_learns_the_task_at_its_training_length(tmp_path):
     """configs/passkey_tiny.py, trained as configured by `gigajax train` (2 simulated devices,
-    1,600 steps: about 9 minutes on 2 idle CPU cores), retrieves the 5-digit key in >= 90% of 50
+    1,600 steps: about 8 minutes on 2 idle CPU cores), retrieves the 5-digit key in >= 90% of 50
     prompts (5 depths x 10) at its training length."""
     from gigajax.config import load_config
 
