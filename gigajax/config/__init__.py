@@ -11,6 +11,7 @@ from gigajax.config.load import (
 from gigajax.config.schema import (
     LoRAConfig,
     ModelConfig,
+    MoEConfig,
     RopeScaling,
     base_config,
     compute_dtype,
@@ -20,6 +21,7 @@ from gigajax.config.schema import (
 )
 from gigajax.config.validate import validate
 
-__all__ = ["LoRAConfig", "ModelConfig", "RopeScaling", "apply_override", "apply_overrides",
-           "base_config", "compute_dtype", "config_from_dict", "fixed_device_count", "head_dim",
-           "load_config", "parse_value", "validate", "warmup_steps"]
+__all__ = ["LoRAConfig", "ModelConfig", "MoEConfig", "RopeScaling", "apply_override",
+           "apply_overrides", "base_config", "compute_dtype", "config_from_dict",
+           "fixed_device_count", "head_dim", "load_config", "parse_value", "validate",
+           "warmup_steps"]

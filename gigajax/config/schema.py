@@ -186,6 +186,27 @@ class LoRAConfig:
                    targets=lora_targets(lora.targets))
 
 
+MOE_ROUTER_SCORES = ("softmax", "sigmoid")  # ops/moe_dispatch.route
+MOE_DISPATCHES = ("ragged", "capacity")  # dropless grouped matmul, or GShard's fixed capacity
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts blocks (`model/moe.py`; DeepSeekMoE, Dai et al. 2024): X routed
+    experts of width `expert_mlp_dim` of which each token uses `top_k`, plus shared experts
+    every token uses. `n_routed_experts` 0: dense MLPs everywhere."""
+
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    top_k: int = 2
+    expert_mlp_dim: int = 0  # 0: model.mlp_dim
+    first_dense_layers: int = 0  # the first layers keep a dense MLP
+    score: str = "softmax"  # MOE_ROUTER_SCORES
+    renormalize: bool = True  # the top-k weights divided by their sum
+    dispatch: str = "ragged"  # MOE_DISPATCHES
+    capacity_factor: float = 1.25  # capacity dispatch: slots per expert over T*K/X
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Typed, frozen view of `config.model` (+ attention) that the model code reads."""
@@ -213,6 +234,7 @@ class ModelConfig:
     block_q: int
     block_kv: int
     lora: LoRAConfig = LoRAConfig()  # rank 0: no adapters
+    moe: MoEConfig = MoEConfig()  # no routed experts: dense
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> ModelConfig:
