@@ -76,7 +76,8 @@ def measure(config: str, seq_len: int, n: int, sp_impl: str, degree: int) -> dic
         block = nnx.merge(graphdef, params)
         with activation_rules(layout.activations):
             cos_BTE, sin_BTE = rope_cos_sin(positions_BT, inv_freq, mscale)
-            y_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, jnp.ones_like(positions_BT))
+            y_BTD, _ = block(x_BTD, cos_BTE, sin_BTE, positions_BT,
+                             jnp.ones_like(positions_BT))
         return jnp.sum(y_BTD.astype(jnp.float32))
 
     tokens = NamedSharding(mesh, PartitionSpec(None, SEQUENCE_AXES))

@@ -4,6 +4,7 @@ other when nothing is dropped (outputs and gradients), capacity drops the right 
 counts them, and the auxiliary losses have their known values."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gigajax.config import ModelConfig, MoEConfig, base_config
+from gigajax.config import ModelConfig, MoEConfig, base_config, load_config, validate
+from gigajax.config.hf import to_hf_config
 from gigajax.config.schema import MOE_DISPATCHES, MOE_ROUTER_SCORES
+from gigajax.errors import ConfigError
+from gigajax.model.decoder import Decoder
 from gigajax.model.moe import MoE, RoutingBias
 from gigajax.ops import moe_dispatch
 
@@ -248,3 +252,157 @@ def test_the_layer_s_dispatches_agree_and_the_bias_gets_no_gradient():
     _, stats = MoE(_model_cfg(dispatch="capacity", capacity_factor=0.5),
                    rngs=nnx.Rngs(0))(x)
     assert 0.0 < float(stats.dropped_fraction) < 1.0
+
+
+# --- the decoder with MoE blocks (configs/tiny_moe.py) ------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MOE = ROOT / "configs" / "tiny_moe.py"
+# tiny_moe shrunk: 2 blocks (1 dense, 1 MoE), 8 windows of 64 tokens
+SHRUNK = ["--config.model.n_layers=2", "--config.data.seq_len=64", "--config.data.batch_size=8",
+          "--config.data.max_bytes=200000"]
+
+BAD_MOE = [
+    ("tiny.py", "model.moe.top_k=3", "model.moe.top_k"),  # a dense model: MoE fields apply not
+    ("tiny_moe.py", "model.moe.top_k=9", "model.moe.top_k"),
+    ("tiny_moe.py", "model.moe.first_dense_layers=4", "model.moe.first_dense_layers"),
+    ("tiny_moe.py", "model.moe.score=relu", "model.moe.score"),
+    ("tiny_moe.py", "model.moe.dispatch=dense", "model.moe.dispatch"),
+    ("tiny_moe.py", "model.moe.capacity_factor=2.0", "model.moe.capacity_factor"),
+    ("tiny_moe.py", "model.moe.capacity_factor=0", "model.moe.capacity_factor"),
+    ("tiny_moe.py", "model.lora.rank=4", "model.lora.rank"),
+]
+
+
+@pytest.mark.parametrize("config,override,field", BAD_MOE, ids=[b[1] for b in BAD_MOE])
+def test_bad_moe_configs_name_their_field(config, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(ROOT / "configs" / config, ["--config." + override])
+
+
+def test_dpo_and_hf_export_refuse_a_moe_model_clearly():
+    cfg = load_config(TINY_MOE)
+    cfg.train.objective, cfg.data.source, cfg.data.path = "dpo", "prepared", "/nowhere"
+    with pytest.raises(ConfigError, match="train.objective.*mixture-of-experts"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="model.moe.n_routed_experts"):
+        to_hf_config(load_config(TINY_MOE), "float32", {})
+
+
+def _moe_decoder(*overrides):
+    cfg = load_config(TINY_MOE, [*SHRUNK, *overrides])
+    return cfg, Decoder.from_config(cfg)
+
+
+def test_the_first_blocks_stay_dense_and_the_rest_have_experts():
+    from gigajax.parallel.shardings import abstract_model
+
+    def shapes(*overrides):
+        cfg = ModelConfig.from_config(load_config(TINY_MOE, list(overrides)))
+        _, state = abstract_model(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        return {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(state)}
+
+    got = shapes()
+    assert got["blocks/mlp/w_gate"] == (1, 128, 384)  # block 1: the dense SwiGLU
+    assert got["moe_blocks/mlp/w_gate"] == (3, 8, 128, 96)  # blocks 2-4: 8 experts each
+    assert got["moe_blocks/mlp/shared/w_gate"] == (3, 128, 96)
+    assert got["moe_blocks/mlp/router"] == (3, 128, 8)
+    all_moe = shapes("--config.model.moe.first_dense_layers=0")
+    assert not any(p.startswith("blocks/") for p in all_moe)
+    assert all_moe["moe_blocks/mlp/w_up"] == (4, 8, 128, 96)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 384, (2, 32)))
+    stats = nnx.jit(lambda m, t: m.features_and_stats(t)[1])(
+        _moe_decoder("--config.model.moe.first_dense_layers=0")[1], tokens)
+    assert stats.load_X.shape == (2, 8) and stats.router_z_loss.shape == (2,)
+    dense = Decoder.from_config(load_config(ROOT / "configs" / "tiny.py", SHRUNK))
+    assert jax.eval_shape(lambda t: dense.features_and_stats(t)[1], tokens) is None
+
+
+def test_unrolled_layers_and_remat_equal_the_scanned_layers():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 384, (2, 64)))
+
+    def loss_and_grads(*overrides):
+        _, model = _moe_decoder(*overrides)
+
+        def loss(model):
+            x, stats = model.features_and_stats(tokens)
+            return jnp.mean(model.logits(x) ** 2) + jnp.sum(stats.load_balance_loss)
+
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        return float(value), dict(nnx.to_flat_state(grads))
+
+    ref_value, ref_grads = loss_and_grads()
+    for overrides in (["--config.model.scan_layers=false"], ["--config.model.remat=full"]):
+        value, grads = loss_and_grads(*overrides)
+        assert value == pytest.approx(ref_value, rel=1e-6), overrides
+        for path, g in ref_grads.items():
+            np.testing.assert_allclose(np.asarray(grads[path][...]), np.asarray(g[...]),
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{overrides} {path}")
+
+
+def test_decoding_with_a_cache_equals_the_full_forward():
+    _, model = _moe_decoder("--config.model.moe.first_dense_layers=1")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 384, (2, 24)))
+    cache = model.init_cache(2, 32)
+    first, cache = model.decode(tokens[:, :16], cache, jnp.int32(0))
+    rest, _ = model.decode(tokens[:, 16:], cache, jnp.int32(16))
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, rest], 1)),
+                               np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_objective_adds_the_weighted_auxiliary_losses():
+    from gigajax.train.step import make_loss_fn
+
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 384, (4, 65)))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "positions": jnp.broadcast_to(jnp.arange(64), (4, 64)),
+             "segment_ids": jnp.ones((4, 64), jnp.int32), "loss_mask": jnp.ones((4, 64))}
+    results = {}
+    for weight in (0.0, 0.5):
+        _, model = _moe_decoder(f"--config.model.moe.aux_loss_weight={weight}",
+                                "--config.model.moe.z_loss_weight=0.1")
+        graphdef, params = nnx.split(model)
+        loss_fn = make_loss_fn(graphdef)
+        (objective, (nll_sum, count, sums)), grads = jax.jit(jax.value_and_grad(
+            loss_fn, has_aux=True))(params, batch)
+        results[weight] = grads
+        balance, z = sums["moe_balance_loss"] / count, sums["moe_z_loss"] / count
+        assert float(count) == 256.0 and float(balance) >= 1.0 - 1e-6
+        np.testing.assert_allclose(float(objective),
+                                   float(nll_sum + count * (weight * balance + 0.1 * z)),
+                                   rtol=1e-6)
+        assert 1.0 <= float(sums["moe_load_max"] / count) <= 8.0
+        assert float(sums["moe_dropped"]) == 0.0
+    router = ("moe_blocks", "mlp", "router")
+    flat = {w: dict(nnx.to_flat_state(g)) for w, g in results.items()}
+    difference = np.abs(np.asarray(flat[0.5][router][...]) - np.asarray(flat[0.0][router][...]))
+    assert difference.max() > 1e-6  # the balance loss reaches the router
+    np.testing.assert_array_equal(np.asarray(flat[0.5][("lm_head",)][...]),  # after the
+                                  np.asarray(flat[0.0][("lm_head",)][...]))  # experts: nll only
+
+
+def test_active_parameters_count_top_k_of_the_routed_experts():
+    from gigajax.model.inventory import matmul_params
+
+    cfg = ModelConfig.from_config(load_config(TINY_MOE))
+    dense_like = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, top_k=8))
+    experts = 3 * 8 * 3 * 128 * 96  # 3 MoE blocks x 8 experts x 3 matrices
+    assert matmul_params(dense_like) - matmul_params(cfg) == pytest.approx(experts * 6 / 8)
+
+
+@pytest.mark.parametrize("dispatch,layouts", [
+    ("ragged", "fsdp=2,sequence=2,tensor=2"),
+    ("capacity", "fsdp=4,tensor=2"),
+])
+def test_moe_under_the_dense_layouts_equals_one_device(dispatch, layouts):
+    """Expert weights shard like the dense MLP's (embed over fsdp, mlp over tensor) and GSPMD
+    places the dispatch: loss 1e-5 and gradients 1e-4 relative to one device."""
+    import gigajax
+
+    overrides = [*SHRUNK, f"--config.model.moe.dispatch={dispatch}"]
+    if dispatch == "capacity":
+        overrides.append("--config.model.moe.capacity_factor=1.0")  # some assignments drop
+    rows = gigajax.check_layouts(load_config(TINY_MOE, overrides), layouts, steps=2)
+    for row in rows:
+        assert row["ok"], row
+        assert row["loss_rel_diff"] <= 1e-5 and row["grad_rel_diff"] <= 1e-4, row

@@ -243,6 +243,10 @@ def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
     q/k/v biases, Qwen3 with q/k norms. RoPE is written in both spellings (transformers 5's
     `rope_parameters`, and `rope_theta` + `rope_scaling` for 4.x)."""
     m = cfg.model
+    if m.moe.n_routed_experts:
+        raise ConfigError("model.moe.n_routed_experts > 0: Hugging Face export of "
+                          "mixture-of-experts models is not supported yet (dense LLaMA, "
+                          "Mistral and Qwen2/3 are).")
     family = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else (
         "mistral" if m.sliding_window else "llama")
     if m.qk_norm and m.qkv_bias:

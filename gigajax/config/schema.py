@@ -76,6 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
         # each projection named in `targets` (q,k,v,o,gate,up,down, or attention | mlp | all,
         # comma-separated) and trains only the adapters; dropout on the adapters' input
         lora=dict(rank=0, alpha=16.0, dropout=0.0, targets="all"),
+        # mixture of experts (model/moe.py; DeepSeekMoE): n_routed_experts 0 = dense MLPs.
+        # Each token goes to top_k routed experts of width expert_mlp_dim (0: mlp_dim), and
+        # through n_shared_experts more; the first first_dense_layers blocks stay dense.
+        # score softmax | sigmoid; renormalize: top-k weights over their sum; dispatch ragged
+        # (dropless) | capacity (GShard, capacity_factor x T*K/X slots per expert). The loss
+        # adds aux_loss_weight x the Switch balance loss and z_loss_weight x the router z-loss.
+        moe=dict(n_routed_experts=0, n_shared_experts=0, top_k=2, expert_mlp_dim=0,
+                 first_dense_layers=0, score="softmax", renormalize=True, dispatch="ragged",
+                 capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=0.0),
     )
     # sequence parallelism over mesh.sequence (see gigajax/ops/ring.py, ulysses.py, layouts.py):
     # sp_impl ring | ulysses | hybrid (Ulysses degree `ulysses_degree` inside a ring);
@@ -205,6 +214,25 @@ class MoEConfig:
     renormalize: bool = True  # the top-k weights divided by their sum
     dispatch: str = "ragged"  # MOE_DISPATCHES
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert over T*K/X
+    aux_loss_weight: float = 0.0  # on the load-balancing loss, in the objective
+    z_loss_weight: float = 0.0  # on the router z-loss, in the objective
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> MoEConfig:
+        m = model_cfg.moe
+        if not m.n_routed_experts:
+            return cls()
+        return cls(n_routed_experts=m.n_routed_experts, n_shared_experts=m.n_shared_experts,
+                   top_k=m.top_k, expert_mlp_dim=m.expert_mlp_dim,
+                   first_dense_layers=m.first_dense_layers, score=m.score,
+                   renormalize=m.renormalize, dispatch=m.dispatch,
+                   capacity_factor=float(m.capacity_factor),
+                   aux_loss_weight=float(m.aux_loss_weight),
+                   z_loss_weight=float(m.z_loss_weight))
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has routed experts."""
+        return bool(self.n_routed_experts) and layer >= self.first_dense_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +277,7 @@ class ModelConfig:
             norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=compute_dtype(m.dtype),
             scan_layers=m.scan_layers, remat=m.remat, attention_impl=cfg.attention.impl,
             block_q=cfg.attention.block_q, block_kv=cfg.attention.block_kv,
-            lora=LoRAConfig.from_config(m))
+            lora=LoRAConfig.from_config(m), moe=MoEConfig.from_config(m))
 
 
 def head_dim(model_cfg: ml_collections.ConfigDict) -> int:

@@ -131,6 +131,25 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
     require(rs.type != "dynamic" or head_dim(m) > 2, "model.head_dim", head_dim(m),
             "dynamic NTK scaling needs a head dimension above 2")
     lora_targets(m.lora.targets)  # ConfigError naming model.lora.targets
+    _check_moe(m)
+
+
+def _check_moe(m: ml_collections.ConfigDict) -> None:
+    moe, defaults = m.moe, base_config().model.moe
+    if not moe.n_routed_experts:
+        for key in defaults.keys():
+            if key != "n_routed_experts" and moe[key] != defaults[key]:
+                raise ConfigError(f"config.model.moe.{key}={moe[key]!r} only applies to a "
+                                  "mixture-of-experts model: set model.moe.n_routed_experts "
+                                  f"> 0, or leave it at its default {defaults[key]!r}.")
+        return
+    require(moe.top_k <= moe.n_routed_experts, "model.moe.top_k", moe.top_k,
+            f"a token picks at most model.moe.n_routed_experts={moe.n_routed_experts} experts")
+    require(moe.first_dense_layers < m.n_layers, "model.moe.first_dense_layers",
+            moe.first_dense_layers, f"at least one of the model.n_layers={m.n_layers} blocks "
+            "must have experts (use model.moe.n_routed_experts=0 for a dense model)")
+    require(not m.lora.rank, "model.lora.rank", m.lora.rank,
+            "LoRA adapters on a mixture-of-experts model are not supported yet: use 0")
 
 
 def _check_data(cfg: ml_collections.ConfigDict) -> None:
@@ -168,6 +187,8 @@ def _check_train(cfg: ml_collections.ConfigDict) -> None:
     require(t.objective != "dpo" or cfg.data.source == "prepared", "train.objective", t.objective,
             f"DPO trains on pairs from `gigajax data prepare --dpo` (data.source='prepared', "
             f"data.path=DIR); data.source is {cfg.data.source!r}")
+    require(t.objective != "dpo" or not cfg.model.moe.n_routed_experts, "train.objective",
+            t.objective, "DPO on a mixture-of-experts model is not supported yet: use 'lm'")
 
 
 def _check_mesh(cfg: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,8 @@
-"""Decoder: embed -> L x Block (lax.scan over a stacked `layers` axis) -> RMSNorm -> LM head."""
+"""Decoder: embed -> L x Block (lax.scan over a stacked `layers` axis) -> RMSNorm -> LM head.
+
+A mixture-of-experts model (`model.moe.n_routed_experts` > 0) has two stacks scanned one after
+the other: `blocks`, its first `first_dense_layers` dense blocks (absent when 0), and
+`moe_blocks`, the rest; a dense model has `blocks` only."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from gigajax.config import ModelConfig
 from gigajax.model.block import Block
 from gigajax.model.layers import RMSNorm, residual_init, weight_init
 from gigajax.model.lora import add_adapters
+from gigajax.model.moe import MoEStats
 from gigajax.model.remat import remat_block
 from gigajax.model.rope import rope_cos_sin, rope_frequencies
 from gigajax.parallel.shardings import constrain, param, stacked
@@ -23,7 +28,12 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         init = weight_init(cfg)
         self.embed = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-        self.blocks = stacked(lambda r: Block(cfg, rngs=r), cfg.n_layers, rngs)
+        n_dense = _dense_layers(cfg)
+        if n_dense:
+            self.blocks = stacked(lambda r: Block(cfg, rngs=r), n_dense, rngs)
+        if n_dense < cfg.n_layers:
+            self.moe_blocks = stacked(lambda r: Block(cfg, rngs=r, moe=True),
+                                      cfg.n_layers - n_dense, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -51,6 +61,14 @@ class Decoder(nnx.Module):
         """The last block's output [B, T, D] (compute dtype), before the final norm and head:
         a chunked loss applies `logits` to a slice of tokens at a time. `dropout_key`: LoRA
         dropout, in training only (None: off)."""
+        return self.features_and_stats(tokens_BT, positions_BT, segment_ids_BT, dropout_key)[0]
+
+    def features_and_stats(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
+                           segment_ids_BT: jnp.ndarray | None = None,
+                           dropout_key: jax.Array | None = None
+                           ) -> tuple[jnp.ndarray, MoEStats | None]:
+        """`features`, and the MoE layers' statistics stacked over those layers ([L_moe] and
+        [L_moe, X]; None for a dense model): the objective adds their auxiliary losses."""
         if positions_BT is None:
             mesh = jax.sharding.get_abstract_mesh()
             if not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1:
@@ -105,17 +123,30 @@ class Decoder(nnx.Module):
         start_B = jnp.zeros((B,), jnp.int32) if start_B is None else start_B
         positions_BT = index + jnp.arange(T)[None] - start_B[:, None]
         x_BTD, cos_BTE, sin_BTE = self._embed(tokens_BT, positions_BT)
-        graphdef, stacked_state = nnx.split(self.blocks)
+        ks, vs = [], []
+        for stack, layers in self._stacks():
+            graphdef, stacked_state = nnx.split(stack)
 
-        def one_block(x_BTD, xs):
-            layer_state, k_BSKE, v_BSKE = xs
-            block = nnx.merge(graphdef, layer_state)
-            x_BTD, k_BSKE, v_BSKE = block.decode(x_BTD, cos_BTE, sin_BTE, positions_BT, k_BSKE,
-                                                 v_BSKE, index, start_B)
-            return x_BTD, (k_BSKE, v_BSKE)
+            def one_block(x_BTD, xs, graphdef=graphdef):
+                layer_state, k_BSKE, v_BSKE = xs
+                block = nnx.merge(graphdef, layer_state)
+                x_BTD, k_BSKE, v_BSKE = block.decode(x_BTD, cos_BTE, sin_BTE, positions_BT,
+                                                     k_BSKE, v_BSKE, index, start_B)
+                return x_BTD, (k_BSKE, v_BSKE)
 
-        x_BTD, (k, v) = jax.lax.scan(one_block, x_BTD, (stacked_state, cache["k"], cache["v"]))
-        return self.final_norm(x_BTD), {"k": k, "v": v}
+            x_BTD, (k, v) = jax.lax.scan(one_block, x_BTD, (stacked_state, cache["k"][layers],
+                                                            cache["v"][layers]))
+            ks.append(k), vs.append(v)
+        if len(ks) == 1:
+            return self.final_norm(x_BTD), {"k": ks[0], "v": vs[0]}
+        return self.final_norm(x_BTD), {"k": jnp.concatenate(ks), "v": jnp.concatenate(vs)}
+
+    def _stacks(self) -> list[tuple[nnx.Module, slice]]:
+        """The stacked blocks in order, each with the layers it holds."""
+        n_dense = _dense_layers(self.cfg)
+        return [(stack, layers) for name, layers in (("blocks", slice(0, n_dense)),
+                                                     ("moe_blocks", slice(n_dense, None)))
+                if (stack := getattr(self, name, None)) is not None]
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, jnp.ndarray]:
         """An empty KV cache for `max_len` positions: k and v [L, B, max_len, K, E], kv heads
@@ -126,29 +157,43 @@ class Decoder(nnx.Module):
         return {name: constrain(jnp.zeros(shape, cfg.dtype), names) for name in ("k", "v")}
 
     def _run_blocks(self, x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT,
-                    dropout_key=None):
+                    dropout_key=None) -> tuple[jnp.ndarray, MoEStats | None]:
         """Apply the stacked blocks with lax.scan (or a Python loop), under the remat policy;
-        a dropout key is split into one per layer, scanned with the layer's weights."""
-        graphdef, stacked_state = nnx.split(self.blocks)
+        a dropout key is split into one per layer, scanned with the layer's weights. Returns
+        the output and the MoE layers' statistics, stacked (None without MoE layers)."""
         keys_L = None if dropout_key is None else jax.random.split(dropout_key,
                                                                    self.cfg.n_layers)
+        carry, stats = (x_BTD, positions_BT, segment_ids_BT), None
+        for stack, layers in self._stacks():
+            graphdef, stacked_state = nnx.split(stack)
 
-        # positions and segment ids ride in the scan carry, unchanged: as loop-invariant
-        # constants, scan's partial evaluation would hoist every mask tile the attention
-        # kernels derive from them out of the loop and keep them all (quadratic in T).
-        def one_block(carry, xs):
-            x_BTD, positions_BT, segment_ids_BT = carry
-            layer_state, key = xs
-            block = nnx.merge(graphdef, layer_state)
-            x_BTD = block(x_BTD, cos_BTE, sin_BTE, positions_BT, segment_ids_BT, key)
-            return (x_BTD, positions_BT, segment_ids_BT), None
+            # positions and segment ids ride in the scan carry, unchanged: as loop-invariant
+            # constants, scan's partial evaluation would hoist every mask tile the attention
+            # kernels derive from them out of the loop and keep them all (quadratic in T).
+            def one_block(carry, xs, graphdef=graphdef):
+                x_BTD, positions_BT, segment_ids_BT = carry
+                layer_state, key = xs
+                block = nnx.merge(graphdef, layer_state)
+                x_BTD, layer_stats = block(x_BTD, cos_BTE, sin_BTE, positions_BT,
+                                           segment_ids_BT, key)
+                return (x_BTD, positions_BT, segment_ids_BT), layer_stats
 
-        one_block = remat_block(one_block, self.cfg.remat, self.cfg.scan_layers)
-        carry = (x_BTD, positions_BT, segment_ids_BT)
-        if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(one_block, carry, (stacked_state, keys_L))
-            return carry[0]
-        for i in range(self.cfg.n_layers):
-            carry, _ = one_block(carry, jax.tree.map(lambda a, i=i: a[i],
-                                                     (stacked_state, keys_L)))
-        return carry[0]
+            one_block = remat_block(one_block, self.cfg.remat, self.cfg.scan_layers)
+            xs = (stacked_state, None if keys_L is None else keys_L[layers])
+            if self.cfg.scan_layers:
+                carry, stack_stats = jax.lax.scan(one_block, carry, xs)
+            else:
+                per_layer = []
+                for i in range(len(range(self.cfg.n_layers)[layers])):
+                    carry, layer_stats = one_block(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+                    per_layer.append(layer_stats)
+                stack_stats = (None if per_layer[0] is None
+                               else jax.tree.map(lambda *a: jnp.stack(a), *per_layer))
+            if stack_stats is not None:
+                stats = stack_stats
+        return carry[0], stats
+
+
+def _dense_layers(cfg: ModelConfig) -> int:
+    """How many blocks (the first ones) have a dense MLP."""
+    return cfg.moe.first_dense_layers if cfg.moe.n_routed_experts else cfg.n_layers

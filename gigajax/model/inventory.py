@@ -68,8 +68,12 @@ def adapter_params(cfg: ModelConfig) -> int:
     return sum(w.size for w in weights(cfg) if w.is_adapter)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def matmul_params(cfg: ModelConfig) -> float:
     """Parameters that take part in a matmul per token: every matrix but the input embedding
-    table, which is a lookup (with tied embeddings it is also the LM head, and counts)."""
+    table, which is a lookup (with tied embeddings it is also the LM head, and counts). Of the
+    routed experts' weights (an `expert` dim) a token uses top_k / n_routed_experts: the
+    active, not the total, parameters."""
     lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-    return sum(w.size for w in weights(cfg) if w.is_matrix) - lookup
+    active = cfg.moe.top_k / cfg.moe.n_routed_experts if cfg.moe.n_routed_experts else 1.0
+    return sum(w.size * (active if "expert" in w.names else 1.0)
+               for w in weights(cfg) if w.is_matrix) - lookup

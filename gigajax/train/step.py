@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gigajax.config import MoEConfig
 from gigajax.model.lora import combine, trainable_and_frozen
+from gigajax.model.moe import MoEStats
 from gigajax.ops.loss import chunked_cross_entropy_sums
 from gigajax.parallel.rules import DATA_PARALLEL, Rules
 from gigajax.parallel.shardings import activation_rules
@@ -46,19 +48,40 @@ def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
 
     `rules` are the layout's activation rules, in force while the model is traced;
     `loss_chunks` > 1 computes the head and loss that many slices of tokens at a time;
-    `dropout_key` turns LoRA dropout on (training only).
+    `dropout_key` turns LoRA dropout on (training only). A mixture-of-experts model adds its
+    weighted auxiliary losses (`moe_objective`) and returns its metric sums third.
     """
 
     def loss_fn(params: nnx.State, batch: Batch, dropout_key: jax.Array | None = None):
         model = nnx.merge(graphdef, params)
         with activation_rules(rules):
-            x_BTD = model.features(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                   dropout_key)
+            x_BTD, stats = model.features_and_stats(batch["inputs"], batch["positions"],
+                                                    batch["segment_ids"], dropout_key)
             nll_sum, z_sum, count = chunked_cross_entropy_sums(
                 x_BTD, model.logits, batch["targets"], batch["loss_mask"], z_loss, loss_chunks)
-        return nll_sum + z_sum, (nll_sum, count)
+        if stats is None:
+            return nll_sum + z_sum, (nll_sum, count)
+        aux, metric_sums = moe_objective(stats, model.cfg.moe, count)
+        return nll_sum + z_sum + aux, (nll_sum, count, metric_sums)
 
     return loss_fn
+
+
+def moe_objective(stats: MoEStats, moe: MoEConfig, count: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the auxiliary losses' share of the summed objective, the MoE metrics times `count`).
+
+    The objective is a sum over tokens divided by their global count, so the auxiliary losses,
+    means over the batch and the MoE layers, enter multiplied by this batch's count: an
+    accumulated step then weighs each microbatch by its tokens. Metrics: the mean balance
+    loss and z-loss, the most loaded expert's load over the mean (1: balanced; the worst
+    layer), and the share of assignments dropped (capacity dispatch)."""
+    balance, z = jnp.mean(stats.load_balance_loss), jnp.mean(stats.router_z_loss)
+    aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
+    load_max = jnp.max(stats.load_X) * stats.load_X.shape[-1]
+    metrics = {"moe_balance_loss": balance, "moe_z_loss": z, "moe_load_max": load_max,
+               "moe_dropped": jnp.mean(stats.dropped_fraction)}
+    return count * aux, {k: count * v for k, v in metrics.items()}
 
 
 def split_microbatches(batch: Batch, microbatches: int) -> Batch:
