@@ -406,3 +406,21 @@ def test_moe_under_the_dense_layouts_equals_one_device(dispatch, layouts):
     for row in rows:
         assert row["ok"], row
         assert row["loss_rel_diff"] <= 1e-5 and row["grad_rel_diff"] <= 1e-4, row
+
+
+def test_a_moe_run_logs_its_expert_metrics(tmp_path):
+    import json
+
+    import gigajax
+
+    cfg = load_config(TINY_MOE, [*SHRUNK, "--config.mesh.data=8", "--config.train.steps=2",
+                                 "--config.train.log_every=1", "--config.train.eval_every=2",
+                                 "--config.train.eval_batches=1",
+                                 "--config.train.checkpoint_every=2"])
+    gigajax.train(cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["moe_balance_loss"] >= 1.0 - 1e-6 and 1.0 <= row["moe_load_max"] <= 8.0
+        assert row["moe_dropped"] == 0.0 and row["moe_z_loss"] > 0
+    assert rows[-1]["eval_moe_load_max"] >= 1.0

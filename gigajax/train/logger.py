@@ -21,6 +21,7 @@ from rich.progress import (
 from tensorboardX import SummaryWriter
 
 from gigajax.train.objectives import DPO_METRICS
+from gigajax.train.step import MOE_METRICS
 from gigajax.train.workdir import write_text_atomic
 
 
@@ -94,8 +95,8 @@ class MetricsLogger:
                eval_metrics: dict[str, float] | None = None) -> None:
         """Keep this step's (device) metrics; write a line at log steps, eval steps and the end.
 
-        The objective's own metrics (DPO_METRICS) are logged too, and `eval_metrics` (the
-        validation values of the same) as `eval_<name>`.
+        The objective's own metrics (DPO_METRICS, MOE_METRICS) are logged too, and
+        `eval_metrics` (the validation values of the same) as `eval_<name>`.
 
         Throughput counts training only: `paused_seconds` (evaluation, checkpointing) is left out.
         """
@@ -119,7 +120,7 @@ class MetricsLogger:
             row["tokens_per_s"] = tokens_per_s
             if self.peak_flops > 0:
                 row["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
-        row.update({k: float(last[k]) for k in DPO_METRICS if k in last})
+        row.update({k: float(last[k]) for k in (*DPO_METRICS, *MOE_METRICS) if k in last})
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
             row.update({f"eval_{k}": v for k, v in (eval_metrics or {}).items()})

@@ -40,6 +40,7 @@ from gigajax.parallel.shardings import activation_rules
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]
+MOE_METRICS = ("moe_balance_loss", "moe_z_loss", "moe_load_max", "moe_dropped")  # moe_objective
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
@@ -79,8 +80,8 @@ def moe_objective(stats: MoEStats, moe: MoEConfig, count: jax.Array
     balance, z = jnp.mean(stats.load_balance_loss), jnp.mean(stats.router_z_loss)
     aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
     load_max = jnp.max(stats.load_X) * stats.load_X.shape[-1]
-    metrics = {"moe_balance_loss": balance, "moe_z_loss": z, "moe_load_max": load_max,
-               "moe_dropped": jnp.mean(stats.dropped_fraction)}
+    metrics = dict(zip(MOE_METRICS, (balance, z, load_max, jnp.mean(stats.dropped_fraction)),
+                       strict=True))
     return count * aux, {k: count * v for k, v in metrics.items()}
 
 
