@@ -75,9 +75,6 @@ class Tensor:
 
 def tensor_table(cfg: ModelConfig) -> list[Tensor]:
     """Every tensor of the HF checkpoint of `cfg`, in HF's order."""
-    if cfg.moe.n_routed_experts:
-        raise ConfigError("model.moe.n_routed_experts > 0: Hugging Face checkpoints of "
-                          "mixture-of-experts models are not supported yet.")
     D, H, K, E, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
                         cfg.vocab_size)
     attn, layer = "model.layers.{i}.self_attn.", "model.layers.{i}."

@@ -214,7 +214,7 @@ class MoEConfig:
     renormalize: bool = True  # the top-k weights divided by their sum
     dispatch: str = "ragged"  # MOE_DISPATCHES
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert over T*K/X
-    aux_loss_weight: float = 0.0  # on the load-balancing loss, in the objective
+    aux_loss_weight: float = 0.01  # on the load-balancing loss, in the objective
     z_loss_weight: float = 0.0  # on the router z-loss, in the objective
 
     @classmethod
@@ -229,10 +229,6 @@ class MoEConfig:
                    capacity_factor=float(m.capacity_factor),
                    aux_loss_weight=float(m.aux_loss_weight),
                    z_loss_weight=float(m.z_loss_weight))
-
-    def is_moe(self, layer: int) -> bool:
-        """Whether block `layer` (0-based) has routed experts."""
-        return bool(self.n_routed_experts) and layer >= self.first_dense_layers
 
 
 @dataclasses.dataclass(frozen=True)

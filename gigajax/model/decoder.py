@@ -144,8 +144,8 @@ class Decoder(nnx.Module):
     def _stacks(self) -> list[tuple[nnx.Module, slice]]:
         """The stacked blocks in order, each with the layers it holds."""
         n_dense = _dense_layers(self.cfg)
-        return [(stack, layers) for name, layers in (("blocks", slice(0, n_dense)),
-                                                     ("moe_blocks", slice(n_dense, None)))
+        parts = (("blocks", slice(0, n_dense)), ("moe_blocks", slice(n_dense, self.cfg.n_layers)))
+        return [(stack, layers) for name, layers in parts
                 if (stack := getattr(self, name, None)) is not None]
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, jnp.ndarray]:
@@ -184,7 +184,7 @@ class Decoder(nnx.Module):
                 carry, stack_stats = jax.lax.scan(one_block, carry, xs)
             else:
                 per_layer = []
-                for i in range(len(range(self.cfg.n_layers)[layers])):
+                for i in range(layers.stop - layers.start):
                     carry, layer_stats = one_block(carry, jax.tree.map(lambda a, i=i: a[i], xs))
                     per_layer.append(layer_stats)
                 stack_stats = (None if per_layer[0] is None
