@@ -283,3 +283,24 @@ def test_sft_synthetic_trains_on_chat_data_and_scores_the_replies_it_generated(t
         c["messages"][0]["content"] for c in held_out]
     assert exact["exact_match"] == pytest.approx(
         sum(e["reply"] == e["wanted"] for e in exact["examples"]) / 3)
+
+
+def test_bench_moe_rows_are_its_measurements(tmp_path, monkeypatch):
+    """experiments/bench_moe.py on the shrunk tiny_moe, two variants: each row's tokens/s is
+    its step time's, the ratios are against the first row, and EP=8 holds less state."""
+    bench = load_script("bench_moe")
+    shrunk = ["--config.model.n_layers=2", "--config.data.seq_len=64",
+              "--config.data.batch_size=8", "--config.data.max_bytes=200000"]
+    monkeypatch.setattr("sys.argv", ["bench_moe.py", "--out", str(tmp_path), "--steps", "1",
+                                     "--rounds", "1", "--warmup", "0", "--variants",
+                                     "ragged, data=8 (EP=1);ragged, expert=8", *shrunk])
+    bench.main()
+    rows = json.loads((tmp_path / "bench_moe.json").read_text())
+    assert [r["variant"] for r in rows] == ["ragged, data=8 (EP=1)", "ragged, expert=8"]
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(8 * 64 / (row["step_ms"] / 1000))
+        assert row["step_ratio"] == pytest.approx(row["step_ms"] / rows[0]["step_ms"])
+        assert row["devices"] == 8 and row["loss_end"] > 0
+    assert rows[1]["arguments_mib"] < rows[0]["arguments_mib"]  # experts split 8 ways
+    with open(tmp_path / "bench_moe.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2

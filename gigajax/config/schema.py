@@ -24,7 +24,8 @@ REMAT_POLICIES = ("none", "dots", "minimal", "full")  # model/remat.py says what
 ATTENTION_IMPLS = ("reference", "blockwise", "xla", "cudnn")  # ops/attention.py
 SP_IMPLS = ("ring", "ulysses", "hybrid")  # sequence parallelism over mesh.sequence
 SEQUENCE_LAYOUTS = ("contiguous", "striped", "zigzag")  # ops/layouts.py
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # the config's mesh.* fields, outer to inner
+# the config's mesh.* fields, outer to inner
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 ZERO_STAGES = (1, 3)
 DATA_SOURCES = ("stdlib", "prepared", "passkey")
 # auto: whole for data with a loss mask (SFT, DPO pairs), stream for text (data/packing.py)
@@ -82,9 +83,12 @@ def base_config() -> ml_collections.ConfigDict:
         # score softmax | sigmoid; renormalize: top-k weights over their sum; dispatch ragged
         # (dropless) | capacity (GShard, capacity_factor x T*K/X slots per expert). The loss
         # adds aux_loss_weight x the Switch balance loss and z_loss_weight x the router z-loss.
+        # bias_update_rate > 0: DeepSeek-V3's auxiliary-loss-free balancing, each step every
+        # expert's routing bias moves by the rate towards balance (0.001 in DeepSeek-V3).
         moe=dict(n_routed_experts=0, n_shared_experts=0, top_k=2, expert_mlp_dim=0,
                  first_dense_layers=0, score="softmax", renormalize=True, dispatch="ragged",
-                 capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=0.0),
+                 capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=0.0,
+                 bias_update_rate=0.0),
     )
     # sequence parallelism over mesh.sequence (see gigajax/ops/ring.py, ulysses.py, layouts.py):
     # sp_impl ring | ulysses | hybrid (Ulysses degree `ulysses_degree` inside a ring);
@@ -122,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
                    wsd_decay_fraction=0.2,
                    b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                    moment_dtype="float32", decay_norms_and_embeddings=False)
-    c.mesh = dict(data=1, fsdp=1, sequence=1, tensor=1)  # -1: the rest of the devices
+    # expert: each MoE layer's experts split over it (expert parallelism, model.moe), data
+    # parallel for the rest of the model
+    c.mesh = dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1)  # -1: the rest of the devices
     # zero_stage 3: parameters and optimizer state over `fsdp` (FSDP); 1: optimizer state only.
     # megatron_sp: split norm/residual activations over `tensor` too (Megatron sequence parallel).
     c.sharding = dict(zero_stage=3, megatron_sp=False)
@@ -216,6 +222,7 @@ class MoEConfig:
     capacity_factor: float = 1.25  # capacity dispatch: slots per expert over T*K/X
     aux_loss_weight: float = 0.01  # on the load-balancing loss, in the objective
     z_loss_weight: float = 0.0  # on the router z-loss, in the objective
+    bias_update_rate: float = 0.0  # the routing bias's step towards balance (train step)
 
     @classmethod
     def from_config(cls, model_cfg: ml_collections.ConfigDict) -> MoEConfig:
@@ -228,7 +235,8 @@ class MoEConfig:
                    renormalize=m.renormalize, dispatch=m.dispatch,
                    capacity_factor=float(m.capacity_factor),
                    aux_loss_weight=float(m.aux_loss_weight),
-                   z_loss_weight=float(m.z_loss_weight))
+                   z_loss_weight=float(m.z_loss_weight),
+                   bias_update_rate=float(m.bias_update_rate))
 
 
 @dataclasses.dataclass(frozen=True)

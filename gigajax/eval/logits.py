@@ -16,6 +16,7 @@ from flax import nnx
 
 from gigajax.checkpoint.params import read_params
 from gigajax.config import apply_overrides, config_from_dict
+from gigajax.config.schema import MESH_AXES
 from gigajax.ops.layouts import inverse_permutation, permute_sequence
 from gigajax.parallel.mesh import make_mesh, sequence_permutation
 from gigajax.parallel.shardings import activation_rules
@@ -32,7 +33,7 @@ def logits_under_layout(checkpoint: str | Path, tokens_BT: np.ndarray,
     cfg = config_from_dict(found.config)
     apply_overrides(cfg, dict(overrides or {}))
     preflight(cfg)
-    sizes = [int(cfg.mesh[axis]) for axis in ("data", "fsdp", "sequence", "tensor")]
+    sizes = [int(cfg.mesh[axis]) for axis in MESH_AXES]
     mesh = make_mesh(cfg.mesh, jax.devices()[:int(np.prod(sizes))], cfg.attention)
     layout = layout_for(cfg, mesh)
     builder = StateBuilder(cfg, mesh, layout, optax.identity())

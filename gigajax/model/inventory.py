@@ -59,8 +59,9 @@ def weights(cfg: ModelConfig) -> tuple[Weight, ...]:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of the decoder."""
-    return sum(w.size for w in weights(cfg))
+    """Parameters of the decoder (not the MoE routing bias: state the train step sets, not a
+    weight; the planner counts its bytes)."""
+    return sum(w.size for w in weights(cfg) if not w.path.endswith("routing_bias"))
 
 
 def adapter_params(cfg: ModelConfig) -> int:

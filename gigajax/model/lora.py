@@ -108,10 +108,12 @@ def is_adapter(path: str) -> bool:
 
 def trainable_and_frozen(params: nnx.State, lora: bool) -> tuple[nnx.State, nnx.State | None]:
     """(what training differentiates and updates, what it leaves as is): the adapters and the
-    rest under LoRA; all of `params` and None without."""
-    if not lora:
-        return params, None
-    return nnx.split_state(params, nnx.LoRAParam, ...)
+    rest under LoRA; else the `nnx.Param`s and the other variables (a MoE model's routing
+    bias, which the train step updates outside the gradient), None when there are none."""
+    if lora:
+        return nnx.split_state(params, nnx.LoRAParam, ...)
+    trainable, rest = nnx.split_state(params, nnx.Param, ...)
+    return (trainable, rest) if jax.tree.leaves(rest) else (params, None)
 
 
 def combine(trainable: nnx.State, frozen: nnx.State | None) -> nnx.State:

@@ -20,6 +20,7 @@ from gigajax.config import ModelConfig
 from gigajax.model.layers import residual_init, weight_init
 from gigajax.model.mlp import SwiGLU
 from gigajax.ops import moe_dispatch
+from gigajax.parallel.moe import experts_on_mesh
 from gigajax.parallel.shardings import param
 
 
@@ -52,33 +53,27 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, init, (X, D, F), ("expert", "embed", "mlp"))
         self.w_up = param(rngs, init, (X, D, F), ("expert", "embed", "mlp"))
         self.w_down = param(rngs, out_init, (X, F, D), ("expert", "mlp", "embed"))
-        self.routing_bias = RoutingBias(jnp.zeros((X,), jnp.float32))
+        self.routing_bias = RoutingBias(jnp.zeros((X,), jnp.float32), out_sharding=(None,),
+                                        eager_sharding=False)  # replicated: X floats
         self.shared = (SwiGLU(dataclasses.replace(cfg, mlp_dim=moe.n_shared_experts * F),
                               rngs=rngs) if moe.n_shared_experts else None)
 
     def __call__(self, x_BTD: jnp.ndarray) -> tuple[jnp.ndarray, MoEStats]:
         """The layer's output [B, T, D] (x's dtype) and its statistics."""
         moe = self.moe
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(B * T, D)
-        logits_NX = jnp.einsum("ND,DX->NX", x_ND.astype(jnp.float32), self.router[...])
-        weights_NK, experts_NK, scores_NX = moe_dispatch.route(
-            logits_NX, moe.top_k, moe.score, moe.renormalize, self.routing_bias[...])
-        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        if moe.dispatch == "ragged":
-            y_ND = moe_dispatch.ragged_experts(x_ND, weights_NK, experts_NK, *experts)
-            dropped = jnp.zeros((), jnp.int32)
-        else:
-            capacity = moe_dispatch.expert_capacity(B * T, moe.top_k, moe.n_routed_experts,
-                                                    moe.capacity_factor)
-            y_ND, dropped = moe_dispatch.capacity_experts(x_ND, weights_NK, experts_NK,
-                                                          *experts, capacity)
-        y_BTD = y_ND.reshape(B, T, D)
+        logits_BTX = jnp.einsum("BTD,DX->BTX", x_BTD.astype(jnp.float32), self.router[...])
+        weights_BTK, experts_BTK, scores_BTX = moe_dispatch.route(
+            logits_BTX, moe.top_k, moe.score, moe.renormalize, self.routing_bias[...])
+        y_BTD, dropped = experts_on_mesh(x_BTD, weights_BTK, experts_BTK, self.w_gate[...],
+                                         self.w_up[...], self.w_down[...], moe.dispatch,
+                                         moe.capacity_factor)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
+        X, K = moe.n_routed_experts, moe.top_k
+        scores_NX, experts_NK = scores_BTX.reshape(-1, X), experts_BTK.reshape(-1, K)
         stats = MoEStats(
             load_balance_loss=moe_dispatch.load_balance_loss(scores_NX, experts_NK),
-            router_z_loss=moe_dispatch.router_z_loss(logits_NX),
-            load_X=moe_dispatch.expert_load(experts_NK, moe.n_routed_experts),
+            router_z_loss=moe_dispatch.router_z_loss(logits_BTX.reshape(-1, X)),
+            load_X=moe_dispatch.expert_load(experts_NK, X),
             dropped_fraction=dropped.astype(jnp.float32) / experts_NK.size)
         return y_BTD, stats

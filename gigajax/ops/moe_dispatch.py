@@ -9,6 +9,9 @@ Shapes: T tokens (any leading dims flattened), D model width, X experts, K exper
   and each expert's rows multiplied by its weights in one grouped matmul (`jax.lax.ragged_dot`).
 - `capacity_experts`: GShard's dispatch (Lepikhin et al. 2020) with fixed shapes: each expert
   takes at most C assignments, first choices first, the rest are dropped and counted.
+- `all_to_all_ragged_experts`, `all_to_all_capacity_experts`: the same two inside
+  `shard_map`, each device holding L = X / E of the experts of an `expert` axis of E devices:
+  assignments travel to their expert's device by all-to-all and come back the same way.
 - `load_balance_loss` (Switch/GShard), `router_z_loss` (ST-MoE), `expert_load` and
   `balance_bias_update` (DeepSeek-V3's auxiliary-loss-free balancing).
 """
@@ -108,6 +111,75 @@ def capacity_experts(x_TD: Array, weights_TK: Array, experts_TK: Array, w_gate_X
     return jnp.einsum("TKXC,XCD->TD", combine_TKXC, y_XCD), dropped
 
 
+def _exchange(x_E: Array, axis_name: str) -> Array:
+    """Block e of x_E [E, ...] to device e of `axis_name`; block s of the result came from s."""
+    return jax.lax.all_to_all(x_E, axis_name, 0, 0, tiled=True)
+
+
+def all_to_all_ragged_experts(x_TD: Array, weights_TK: Array, experts_TK: Array,
+                              w_gate_LDF: Array, w_up_LDF: Array, w_down_LFD: Array,
+                              axis_name: str) -> Array:
+    """Dropless MoE across the E devices of `axis_name` (inside shard_map), [T, D] out.
+
+    This device holds tokens x_TD and experts [e*L, (e+1)*L) (e its index on the axis). Its
+    T*K = N assignments are sorted by expert and packed per destination device into a buffer
+    [E, N, D] (N rows each: dropless whatever the routing, at E times the memory of the tokens);
+    one all-to-all delivers them, each device runs its experts on what it received (grouped
+    matmul over the rows sorted by local expert, padding rows in no group), and a second
+    all-to-all returns the results to their tokens. With `tensor`, the weights' F dim may be a
+    shard: the result is then a partial sum the caller adds over `tensor`.
+    """
+    T, K = experts_TK.shape
+    L, D = w_gate_LDF.shape[0], x_TD.shape[-1]
+    E = jax.lax.axis_size(axis_name)
+    N = T * K
+    flat_N = experts_TK.reshape(-1)  # token-major assignments
+    device_N, local_N = flat_N // L, flat_N % L
+    order_N = jnp.argsort(flat_N, stable=True)  # by device, then local expert, then token
+    per_device_E = jnp.zeros((E,), jnp.int32).at[device_N].add(1)
+    first_E = jnp.cumsum(per_device_E) - per_device_E
+    slot_N = jnp.zeros((N,), jnp.int32).at[order_N].set(
+        jnp.arange(N, dtype=jnp.int32) - first_E[device_N[order_N]])  # row in its device's block
+    send_END = jnp.zeros((E, N, D), x_TD.dtype).at[device_N, slot_N].set(x_TD[jnp.arange(N) // K])
+    send_EN = jnp.full((E, N), L, jnp.int32).at[device_N, slot_N].set(local_N)  # L: padding
+    rows_MD = _exchange(send_END, axis_name).reshape(E * N, D)  # M = E*N rows received
+    local_M = _exchange(send_EN, axis_name).reshape(E * N)
+    by_expert_M = jnp.argsort(local_M, stable=True)  # padding (L) last, in no group
+    group_sizes_L = jnp.sum(local_M[:, None] == jnp.arange(L), 0).astype(jnp.int32)
+    y_sorted_MD = swiglu_experts(rows_MD[by_expert_M], w_gate_LDF, w_up_LDF, w_down_LFD,
+                                 group_sizes_L)
+    y_MD = jnp.zeros_like(y_sorted_MD).at[by_expert_M].set(y_sorted_MD)
+    back_END = _exchange(y_MD.reshape(E, N, D), axis_name)  # block e: what device e computed
+    y_TKD = back_END[device_N, slot_N].reshape(T, K, D)
+    return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK.astype(x_TD.dtype))
+
+
+def all_to_all_capacity_experts(x_TD: Array, weights_TK: Array, experts_TK: Array,
+                                w_gate_LDF: Array, w_up_LDF: Array, w_down_LFD: Array,
+                                capacity: int, axis_name: str) -> tuple[Array, Array]:
+    """GShard's expert-parallel MoE (inside shard_map): ([T, D] out, assignments dropped here).
+
+    Each device fills C = `capacity` slots per expert from its own tokens (`capacity_dispatch`:
+    the capacity is per device, so drops depend on how tokens are spread, unlike one device's
+    global slots), sends expert e's slots [X, C, D] to the device holding e by one all-to-all
+    ([L, E*C, D] arrive), runs its L experts and returns the slots by a second all-to-all.
+    """
+    dtype = x_TD.dtype
+    L, D = w_gate_LDF.shape[0], x_TD.shape[-1]
+    E = jax.lax.axis_size(axis_name)
+    dispatch_TKXC, dropped = capacity_dispatch(experts_TK, E * L, capacity)
+    dispatch_TKXC = dispatch_TKXC.astype(dtype)
+    x_ELCD = jnp.einsum("TKXC,TD->XCD", dispatch_TKXC, x_TD).reshape(E, L, capacity, D)
+    x_LSD = jnp.swapaxes(_exchange(x_ELCD, axis_name), 0, 1).reshape(L, E * capacity, D)
+    gate_LSF = jnp.einsum("LSD,LDF->LSF", x_LSD, w_gate_LDF.astype(dtype))
+    up_LSF = jnp.einsum("LSD,LDF->LSF", x_LSD, w_up_LDF.astype(dtype))
+    y_LSD = jnp.einsum("LSF,LFD->LSD", jax.nn.silu(gate_LSF) * up_LSF, w_down_LFD.astype(dtype))
+    y_ELCD = jnp.swapaxes(y_LSD.reshape(L, E, capacity, D), 0, 1)
+    y_XCD = _exchange(y_ELCD, axis_name).reshape(E * L, capacity, D)
+    combine_TKXC = dispatch_TKXC * weights_TK.astype(dtype)[..., None, None]
+    return jnp.einsum("TKXC,XCD->TD", combine_TKXC, y_XCD), dropped
+
+
 def expert_load(experts_TK: Array, n_experts: int) -> Array:
     """The share of the T*K assignments each expert got, [X] float32 (sums to 1)."""
     counts_X = jnp.bincount(experts_TK.reshape(-1), length=n_experts)
@@ -132,5 +204,5 @@ def router_z_loss(logits_TX: Array) -> Array:
 def balance_bias_update(bias_X: Array, load_X: Array, rate: float) -> Array:
     """DeepSeek-V3's auxiliary-loss-free balancing: each expert's routing bias moves by `rate`
     towards balance (down when it had more than the mean load, up when less), outside the
-    gradient; [X] float32."""
-    return bias_X + rate * jnp.sign(jnp.mean(load_X) - load_X)
+    gradient; [..., X] float32 (leading dims: layers, each balanced on its own)."""
+    return bias_X + rate * jnp.sign(jnp.mean(load_X, -1, keepdims=True) - load_X)

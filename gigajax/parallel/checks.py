@@ -1,7 +1,8 @@
 """Every "does not split" check of a layout, each a ConfigError naming the field and the fix.
 
 `check_layout` is what a config must satisfy on a mesh of given sizes (heads, KV heads, MLP,
-vocabulary over `tensor`; d_model over `fsdp`; the batch over data x fsdp; the sequence over the
+vocabulary over `tensor`; d_model over `fsdp`; the experts over `expert`; the batch over
+data x fsdp x expert; the sequence over the
 ring's layout and Ulysses' heads; Megatron-SP's sequence over `tensor`); GSPMD would pad uneven
 shards silently, so all of them are refused up front. `check_intent` guards the rule tables
 themselves: no weight matrix left unsplit on an axis the layout means to use.
@@ -52,14 +53,15 @@ def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) 
     (`mesh_sizes`: the config's axes, or a Mesh's shape with `sequence` split in two)."""
     m, a = cfg.model, cfg.attention
     seq_len, megatron_sp = cfg.data.seq_len, cfg.sharding.megatron_sp
-    tp, fsdp = mesh_sizes["tensor"], mesh_sizes["fsdp"]
-    dp = mesh_sizes["data"] * fsdp
+    tp, fsdp, ep = mesh_sizes["tensor"], mesh_sizes["fsdp"], mesh_sizes.get("expert", 1)
+    dp = mesh_sizes["data"] * fsdp * ep
     for field in ("n_heads", "mlp_dim", "vocab_size"):
         if m[field] % tp:
             raise ConfigError(f"config.model.{field}={m[field]} does not split over "
                               f"mesh.tensor={tp}: tensor parallelism needs it to be a multiple "
                               f"of {tp}.")
     kv = kv_heads_on_tensor(m.n_kv_heads, tp)
+    check_experts(m.moe, m.mlp_dim, ep, tp)
     if m.d_model % fsdp:
         raise ConfigError(f"config.model.d_model={m.d_model} does not split over "
                           f"mesh.fsdp={fsdp}: FSDP shards the embed dim, so it must be a "
@@ -90,7 +92,25 @@ def check_layout(cfg: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int]) 
         raise ConfigError(
             f"config.data.batch_size={cfg.data.batch_size} / train.microbatches="
             f"{cfg.train.microbatches} = {per_micro} rows per microbatch do not split over the "
-            f"{dp} data-parallel devices (mesh.data x mesh.fsdp): make it a multiple of {dp}.")
+            f"{dp} data-parallel devices (mesh.data x mesh.fsdp x mesh.expert): make it a "
+            f"multiple of {dp}.")
+
+
+def check_experts(moe: ml_collections.ConfigDict, mlp_dim: int, expert: int, tensor: int) -> None:
+    """A MoE layer's experts split over `expert` devices, and each expert's MLP over `tensor`."""
+    if expert > 1 and not moe.n_routed_experts:
+        raise ConfigError(f"mesh.expert={expert} splits a mixture-of-experts model's experts, "
+                          "but config.model.moe.n_routed_experts=0 (a dense model): use "
+                          "mesh.data or mesh.fsdp for data parallelism, or give the model experts.")
+    if moe.n_routed_experts % expert:
+        raise ConfigError(f"config.model.moe.n_routed_experts={moe.n_routed_experts} does not "
+                          f"split over mesh.expert={expert}: each expert-parallel device holds "
+                          f"the same number of experts, so make it a multiple of {expert}.")
+    width = moe.expert_mlp_dim or mlp_dim
+    if moe.n_routed_experts and width % tensor:
+        field = "model.moe.expert_mlp_dim" if moe.expert_mlp_dim else "model.mlp_dim"
+        raise ConfigError(f"config.{field}={width} (each expert's hidden width) does not split "
+                          f"over mesh.tensor={tensor}: make it a multiple of {tensor}.")
 
 
 def check_backend(cfg: ml_collections.ConfigDict) -> None:
@@ -121,7 +141,8 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
     """Fail loudly when a weight matrix is left unsharded on an axis the mesh means to use.
 
     Matrices (the `embed` dim and another besides `layers`) must be split over `fsdp` when it is
-    > 1 under ZeRO-3, and over `tensor` when it is > 1, except KV projections whose heads
+    > 1 under ZeRO-3, over `expert` when it is > 1 and they hold experts, and over `tensor`
+    when it is > 1, except KV projections whose heads
     `kv_heads_on_tensor` replicates and LoRA adapters whose base weight splits over `tensor`
     only on the dims the adapter does not have (A of q [D, R], B of o [R, D]: rank-wide).
     `logical_specs`: the parameters' logical names (`shardings.logical_specs`), `shardings`
@@ -129,6 +150,7 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
     """
     wanted = [axis for axis in ("fsdp", "tensor") if mesh.shape[axis] > 1
               and (axis != "fsdp" or zero_stage == 3)]
+    expert_parallel = mesh.shape.get("expert", 1) > 1
     kv_replicated = not kv_heads_on_tensor(n_kv_heads, mesh.shape["tensor"]).split
     missing = []
 
@@ -141,6 +163,8 @@ def check_intent(logical_specs, shardings, mesh: Mesh, *, zero_stage: int,
                                            or LORA_RANK in names)
             if axis not in used and not exempt:
                 missing.append(f"{path_name(path)} {tuple(names)} is not split over `{axis}`")
+        if expert_parallel and "expert" in names and "expert" not in used:
+            missing.append(f"{path_name(path)} {tuple(names)} is not split over `expert`")
 
     jax.tree.map_with_path(check, logical_specs, shardings,
                            is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -1,6 +1,9 @@
-"""The device mesh: named axes data, fsdp, sequence, ulysses, tensor (outermost to innermost).
+"""The device mesh: named axes data, fsdp, expert, sequence, ulysses, tensor (outermost to
+innermost).
 
-The config names four axes (`mesh.data`, `mesh.fsdp`, `mesh.sequence`, `mesh.tensor`); the mesh
+The config names five axes (`mesh.data`, `mesh.fsdp`, `mesh.expert`, `mesh.sequence`,
+`mesh.tensor`). The batch's rows split over data x fsdp x expert (`BATCH_AXES`): `expert`
+holds 1/expert of a MoE layer's experts and is data parallel for everything else. The mesh
 splits `sequence` in two: a ring part (`sequence`, ppermute) outside an all-to-all part
 (`ulysses`, next to `tensor` on the fast links), sized by `attention.sp_impl`. `tensor` is
 innermost so that it lands on the fastest links (NVLink within a node). Axis types are *Auto* on
@@ -23,7 +26,8 @@ from gigajax.config.schema import MESH_AXES as AXES
 from gigajax.errors import ConfigError
 from gigajax.ops.layouts import layout_permutation
 
-MESH_AXES = ("data", "fsdp", "sequence", "ulysses", "tensor")  # the Mesh's axes
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "ulysses", "tensor")  # the Mesh's axes
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch's rows are split over all three
 SEQUENCE_AXES = ("sequence", "ulysses")  # tokens are split over both
 
 
@@ -42,8 +46,8 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
     if math.prod(sizes.values()) != num_devices:
         raise ConfigError(f"mesh {factors} has {math.prod(sizes.values())} devices but "
                           f"{num_devices} are available: make the product of mesh.data, "
-                          "mesh.fsdp, mesh.sequence and mesh.tensor equal the device count, or "
-                          "set one axis to -1.")
+                          "mesh.fsdp, mesh.expert, mesh.sequence and mesh.tensor equal the "
+                          "device count, or set one axis to -1.")
     return sizes
 
 
@@ -81,8 +85,8 @@ def mesh_axis_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int,
     sp_impl, degree = ("ring", 1) if attention_cfg is None else (
         attention_cfg.sp_impl, attention_cfg.ulysses_degree)
     ring, ulysses = sequence_split(sizes["sequence"], sp_impl, degree)
-    return {"data": sizes["data"], "fsdp": sizes["fsdp"], "sequence": ring, "ulysses": ulysses,
-            "tensor": sizes["tensor"]}
+    return {"data": sizes["data"], "fsdp": sizes["fsdp"], "expert": sizes["expert"],
+            "sequence": ring, "ulysses": ulysses, "tensor": sizes["tensor"]}
 
 
 def sequence_size(mesh_sizes: dict[str, int]) -> int:

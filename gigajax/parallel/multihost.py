@@ -18,10 +18,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gigajax.errors import ConfigError
-from gigajax.parallel.mesh import SEQUENCE_AXES
+from gigajax.parallel.mesh import BATCH_AXES, SEQUENCE_AXES
 
-# [B, T]: rows over data x fsdp, tokens (in the sequence layout's order) over ring x Ulysses
-BATCH_SPEC = PartitionSpec(("data", "fsdp"), SEQUENCE_AXES)
+# [B, T]: rows over data x fsdp x expert, tokens (in the sequence layout's order) over ring x
+# Ulysses
+BATCH_SPEC = PartitionSpec(BATCH_AXES, SEQUENCE_AXES)
 
 
 def cluster_detected() -> bool:

@@ -1,13 +1,13 @@
 """Logical axis names -> mesh axes: one rule table per kind of array, per layout.
 
 Every parameter is created with logical names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
-`vocab`, `layers`; LoRA adapters add `lora_rank`, which no table maps: their rank dim is
+`vocab`, `layers`, `expert`; LoRA adapters add `lora_rank`, which no table maps: their rank dim is
 replicated and their other dims shard like their base weight's) and every activation
 constraint uses (`batch`, `seq`, `inner_seq`, `embed`, `heads`, `kv_heads`, `mlp`, `vocab`).
-A `Layout` holds one rule table each for parameters,
-optimizer state and activations; data parallel, FSDP (ZeRO-3), ZeRO-1, Megatron tensor and
-sequence parallelism and their combinations are all rule tables built by `make_layout`, so a
-layout is a config change, never a model change.
+A `Layout` holds one rule table each for parameters, optimizer state and activations; data
+parallel, FSDP (ZeRO-3), ZeRO-1, Megatron tensor and sequence parallelism, expert parallelism
+and their combinations are all rule tables built by `make_layout`, so a layout is a config
+change, never a model change.
 
 Two sequence names: `seq` is the sequence dim of the residual stream and norm inputs, which
 Megatron-SP (Korthikanti et al. 2022) splits over `tensor`; `inner_seq` is the sequence dim inside
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from jax.sharding import PartitionSpec
 
 from gigajax.errors import ConfigError
-from gigajax.parallel.mesh import SEQUENCE_AXES
+from gigajax.parallel.mesh import BATCH_AXES, SEQUENCE_AXES
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 LORA_RANK = "lora_rank"  # the rank dim of a LoRA adapter: in no rule table, so replicated
@@ -39,7 +39,7 @@ class Layout:
     activations: Rules
 
 
-DATA_PARALLEL = Layout(params={}, optimizer={}, activations={"batch": ("data", "fsdp")})
+DATA_PARALLEL = Layout(params={}, optimizer={}, activations={"batch": BATCH_AXES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,10 @@ def make_layout(n_kv_heads: int, mesh_sizes: Mapping[str, int], zero_stage: int 
                 megatron_sp: bool = False) -> Layout:
     """The rule tables for a mesh: every axis of size > 1 is used, none needs a model change.
 
-    - batch over (`data`, `fsdp`): FSDP is data parallel with sharded state.
+    - batch over (`data`, `fsdp`, `expert`): FSDP is data parallel with sharded state, and
+      `expert` is data parallel for everything but the experts.
+    - `expert`: a MoE layer's experts (their weights and optimizer state) over `expert`; the
+      tokens reach them by all-to-all (`parallel/moe.py`).
     - `fsdp` > 1: the `embed` dim of every parameter over `fsdp` (ZeRO-3; XLA gathers each
       layer's weights inside the layer scan), or of the optimizer state only (`zero_stage=1`).
     - `tensor` > 1: Megatron column/row split (q/k/v and gate/up by heads or mlp, o and down by
@@ -77,15 +80,15 @@ def make_layout(n_kv_heads: int, mesh_sizes: Mapping[str, int], zero_stage: int 
     - `megatron_sp`: the residual stream's `seq` over `tensor` between the parallel regions.
     """
     kv = kv_heads_on_tensor(n_kv_heads, mesh_sizes.get("tensor", 1))
-    tensor_rules = {"heads": "tensor", "kv_heads": "tensor" if kv.split else None,
-                    "mlp": "tensor", "vocab": "tensor"}
-    sharded_state = {"embed": "fsdp", **tensor_rules}
+    split_weights = {"heads": "tensor", "kv_heads": "tensor" if kv.split else None,
+                     "mlp": "tensor", "vocab": "tensor", "expert": "expert"}
+    sharded_state = {"embed": "fsdp", **split_weights}
     return Layout(
-        params=sharded_state if zero_stage == 3 else tensor_rules,
+        params=sharded_state if zero_stage == 3 else split_weights,
         optimizer=sharded_state,
-        activations={"batch": ("data", "fsdp"),
+        activations={"batch": BATCH_AXES,
                      "seq": (*SEQUENCE_AXES, "tensor") if megatron_sp else SEQUENCE_AXES,
-                     "inner_seq": SEQUENCE_AXES, **tensor_rules})
+                     "inner_seq": SEQUENCE_AXES, **split_weights})
 
 
 def logical_to_mesh(names: tuple[str | None, ...] | PartitionSpec, rules: Rules) -> PartitionSpec:

@@ -75,7 +75,9 @@ def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict
     forward and again for the backward and reduce-scatters the gradients (ZeRO-1: reduce-scatter
     gradients, all-gather updated parameters); under LoRA the gradients and updates are the
     adapters' only. tensor, sequence (ring) and ulysses: the
-    activation traffic of `layer_comm_bytes`, times the layers.
+    activation traffic of `layer_comm_bytes`, times the layers; expert: the gradient
+    all-reduce of all but the routed experts (replicated over it) and the MoE layers'
+    all-to-all (`expert_all_to_all_bytes`).
     """
     m = ModelConfig.from_config(cfg)
     state = state_bytes(cfg, sizes)
@@ -88,11 +90,39 @@ def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict
         gathered = state["params"] * f if zero3 else grads_unsharded_over_fsdp
         out["fsdp"] = int((f - 1) / f * (gathered * gathers + grads_unsharded_over_fsdp))
     dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
+    e = sizes.get("expert", 1)
+    expert_grads = expert_grad_bytes(cfg, sizes) if e > 1 else 0
     if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
         out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])
+    if e > 1:  # the rest of the model is replicated over `expert` too: one all-reduce more
+        out["expert"] = int(2 * (e - 1) / e * (state["grads"] - expert_grads))
     per_layer = layer_comm_bytes(cfg, sizes)
     for axis in ("tensor", "sequence", "ulysses"):
         sent = sum(block.get(axis, 0.0) for block in per_layer.values())
         if sent:
             out[axis] = int(m.n_layers * sent)
+    if e > 1:
+        out["expert"] += int((m.n_layers - m.moe.first_dense_layers) * expert_all_to_all_bytes(
+            cfg, sizes))
     return out
+
+
+def expert_grad_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> int:
+    """Per-device gradient bytes of the routed experts' weights (split over `expert`)."""
+    layout = layout_of(cfg, sizes)
+    return sum(nbytes(shard_shape(w.shape, w.names, layout.params, sizes), jnp.float32)
+               for w in weights(ModelConfig.from_config(cfg)) if "expert" in w.names)
+
+
+def expert_all_to_all_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> float:
+    """Bytes one device sends over `expert` per MoE layer per step: the dropless dispatch's
+    buffers [E, N, D] (N = the device's tokens x top_k) go out and come back forward, and their
+    gradients backward ((E - 1) / E of each leaves the device), plus the local expert ids
+    [E, N] int32 once per forward; full remat repeats the forward's."""
+    m = ModelConfig.from_config(cfg)
+    x, e = layer_shape(cfg, sizes), sizes["expert"]
+    forward_passes = 2 if m.remat == "full" else 1
+    assignments = cfg.train.microbatches * x.b * x.s * m.moe.top_k
+    buffer = e * assignments * x.h * x.p
+    ids = e * assignments * 4
+    return (e - 1) / e * (2 * buffer * (forward_passes + 1) + ids * forward_passes)

@@ -85,6 +85,18 @@ class Shape:
     p: int  # bytes per activation element (compute dtype)
     lora_r: int = 0  # LoRA: the adapters' rank-R outputs x A of one layer, summed (elements)
     lora_dropped: int = 0  # LoRA dropout: the adapters' dropped inputs (elements per token)
+    moe: MoEShape | None = None  # a MoE layer's extents (None: a dense model)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """The per-device extents of one MoE layer's routed and shared experts."""
+
+    x: int  # routed experts (the router's scores per token)
+    k: int  # experts per token
+    rows_per_assignment: int  # rows the grouped matmul runs per assignment: E (`expert` size)
+    f: int  # an expert's hidden width per device (after `tensor`)
+    shared_f: int  # the shared experts' width per device
 
 
 def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Shape:
@@ -97,15 +109,23 @@ def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Sha
     heads, f = max(1, m.n_heads // t // ulysses), -(-m.mlp_dim // t)
     inputs = {"o": heads * m.head_dim, "down": f}  # the others read the normed x (D)
     targets = m.lora.targets if m.lora.rank else ()
+    moe = None
+    if m.moe.n_routed_experts:
+        width = m.moe.expert_mlp_dim or m.mlp_dim
+        moe = MoEShape(x=m.moe.n_routed_experts, k=m.moe.top_k,
+                       rows_per_assignment=sizes.get("expert", 1), f=-(-width // t),
+                       shared_f=-(-m.moe.n_shared_experts * width // t))
+    rows_over = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
     return Shape(
-        b=max(1, batch // (sizes.get("data", 1) * sizes.get("fsdp", 1))),
+        b=max(1, batch // rows_over),
         s=cfg.data.seq_len // n_sp, s_kv=cfg.data.seq_len, h=m.d_model,
         heads=heads, kv_heads=max(1, kv_local // ulysses), e=m.head_dim,
         f=f, v=-(-m.vocab_size // t),
         sp_t=t if cfg.sharding.megatron_sp else 1,
         p=jnp.dtype(compute_dtype(m.dtype)).itemsize,
         lora_r=m.lora.rank * len(targets),
-        lora_dropped=sum(inputs.get(n, m.d_model) for n in targets) if m.lora.dropout else 0)
+        lora_dropped=sum(inputs.get(n, m.d_model) for n in targets) if m.lora.dropout else 0,
+        moe=moe)
 
 
 def layer_activation_bytes(x: Shape, flash: bool) -> int:
@@ -130,6 +150,24 @@ def layer_activation_bytes(x: Shape, flash: bool) -> int:
                  + x.lora_r + x.lora_dropped) * x.p
     per_token += 4 * x.heads if flash else 2 * x.heads * x.s_kv * x.p
     return int(x.b * x.s * per_token)
+
+
+def moe_layer_activation_bytes(x: Shape, flash: bool) -> int:
+    """Bytes one MoE layer keeps for its backward pass (no remat), per device: the attention
+    and norms as in `layer_activation_bytes`, and in place of the dense MLP (per token, p-byte
+    elements unless said):
+      8 X bytes  the router's float32 logits and scores
+      6 F_s      the shared experts' SwiGLU (as the dense MLP's)
+      k D        the weighted expert outputs per assignment, before their sum
+      R k (D + 6 F)  the grouped matmul's rows: each row's input and its SwiGLU; the
+                 dropless all-to-all runs R = `expert` rows per assignment (its fixed-shape
+                 buffers hold every device's worst case)
+    """
+    moe = x.moe
+    dense_mlp = 6 * x.f * x.p * x.b * x.s
+    per_token = (8 * moe.x + (6 * moe.shared_f + moe.k * x.h
+                              + moe.rows_per_assignment * moe.k * (x.h + 6 * moe.f)) * x.p)
+    return int(layer_activation_bytes(x, flash) - dense_mlp + x.b * x.s * per_token)
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -160,8 +198,15 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
         "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
     }[m.remat]
     working = one  # the backward of one layer (with remat: its recomputed activations)
+    n_dense = m.n_layers
+    if x.moe is not None:  # MoE layers keep their experts' activations instead of the MLP's
+        n_dense = cfg.model.moe.first_dense_layers
+        moe_one = moe_layer_activation_bytes(x, flash)
+        moe_saved = moe_one if m.remat == "none" else saved
+        working = max(one, moe_one)
     head = tokens * 2 * x.h * x.p // x.sp_t + 21 * x.v * tokens // cfg.train.loss_chunks
-    return {"layers": int(m.n_layers * saved + working), "head": int(head), "per_layer": one,
+    layers = n_dense * saved + (m.n_layers - n_dense) * (moe_saved if x.moe else 0) + working
+    return {"layers": int(layers), "head": int(head), "per_layer": max(one, working),
             "gathered": gathered_weight_bytes(cfg, sizes)}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,7 +22,7 @@ from rich.progress import (
 from tensorboardX import SummaryWriter
 
 from gigajax.train.objectives import DPO_METRICS
-from gigajax.train.step import MOE_METRICS
+from gigajax.train.step import MOE_LOAD, MOE_METRICS
 from gigajax.train.workdir import write_text_atomic
 
 
@@ -95,7 +96,8 @@ class MetricsLogger:
                eval_metrics: dict[str, float] | None = None) -> None:
         """Keep this step's (device) metrics; write a line at log steps, eval steps and the end.
 
-        The objective's own metrics (DPO_METRICS, MOE_METRICS) are logged too, and
+        The objective's own metrics (DPO_METRICS, MOE_METRICS, and MOE_LOAD: a MoE model's
+        per-layer expert loads, as lists) are logged too, and
         `eval_metrics` (the validation values of the same) as `eval_<name>`.
 
         Throughput counts training only: `paused_seconds` (evaluation, checkpointing) is left out.
@@ -121,6 +123,8 @@ class MetricsLogger:
             if self.peak_flops > 0:
                 row["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         row.update({k: float(last[k]) for k in (*DPO_METRICS, *MOE_METRICS) if k in last})
+        if MOE_LOAD in last:  # [MoE layers, X], rounded: a line per step stays short
+            row[MOE_LOAD] = np.round(np.asarray(last[MOE_LOAD]), 5).tolist()
         if eval_loss is not None:
             row["eval_loss"] = eval_loss
             row.update({f"eval_{k}": v for k, v in (eval_metrics or {}).items()})
@@ -133,7 +137,12 @@ class MetricsLogger:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
             for key, value in row.items():
-                if key != "step":
+                if isinstance(value, list):  # per-layer loads: a histogram and max/mean each
+                    for layer, load_X in enumerate(np.asarray(value)):
+                        self.tb.add_histogram(f"{key}/layer{layer}", load_X, step)
+                        self.tb.add_scalar(f"{key}_max/layer{layer}",
+                                           load_X.max() * load_X.size, step)
+                elif key != "step":
                     self.tb.add_scalar(key, value, step)
         self.summary.update(row)
         status = f"loss {row['loss']:.4f}" + (f" eval {eval_loss:.4f}" if eval_loss else "")
@@ -143,7 +152,8 @@ class MetricsLogger:
             per_step = (now - self.timer_start - self.paused_seconds) / (step - self.timer_step)
             eta = f"  eta {format_duration(per_step * (self.total_steps - step))}"
         self.info(f"step {step:>6}  " + "  ".join(
-            f"{k} {v:.4g}" for k, v in row.items() if k != "step") + eta)
+            f"{k} {v:.4g}" for k, v in row.items() if k != "step" and not isinstance(v, list))
+            + eta)
         self.timer_start, self.timer_step, self.paused_seconds = now, step, 0.0
 
     def close(self) -> None:

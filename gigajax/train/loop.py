@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -72,7 +73,7 @@ def build_training(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Training:
         make_train_step(state.graphdef, tx, schedule, t.microbatches, t.z_loss,
                         layout.activations, t.loss_chunks, lora=state.lora,
                         dropout_seed=t.seed if state.lora and lora.dropout > 0 else None,
-                        loss_fn=loss_fn),
+                        loss_fn=loss_fn, bias_update_rate=cfg.model.moe.bias_update_rate),
         in_shardings=(state.shardings, batch), out_shardings=(state.shardings, replicated),
         donate_argnums=0)
     eval_loss_fn = loss_fn if t.objective == "dpo" else None  # lm: without z-loss
@@ -90,11 +91,13 @@ def evaluate(eval_fn, params, batches: list[dict[str, jax.Array]]) -> float:
 
 def evaluate_metrics(eval_fn, params, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
     """The validation loss and the objective's metrics (DPO: reward margin, accuracy, ...),
-    each a mean over the fixed validation batches' tokens (or pairs)."""
+    each a mean over the fixed validation batches' tokens (or pairs): floats, and nested
+    lists for vectors (a MoE model's per-layer load)."""
     sums = jax.device_get([eval_fn(params, b) for b in batches])
     count = max(sum(float(s[1]) for s in sums), 1.0)
-    extra = {k: float(sum(s[2][k] for s in sums)) / count for k in (sums[0][2] if sums and
-                                                                   len(sums[0]) > 2 else {})}
+    names = sums[0][2] if sums and len(sums[0]) > 2 else {}
+    extra = {k: np.sum([s[2][k] for s in sums], 0) / count for k in names}
+    extra = {k: float(v) if v.ndim == 0 else v.tolist() for k, v in extra.items()}
     return {"loss": float(sum(s[0] for s in sums)) / count, **extra}
 
 

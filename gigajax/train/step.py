@@ -34,6 +34,7 @@ from flax import nnx
 from gigajax.config import MoEConfig
 from gigajax.model.lora import combine, trainable_and_frozen
 from gigajax.model.moe import MoEStats
+from gigajax.ops import moe_dispatch
 from gigajax.ops.loss import chunked_cross_entropy_sums
 from gigajax.parallel.rules import DATA_PARALLEL, Rules
 from gigajax.parallel.shardings import activation_rules
@@ -41,6 +42,7 @@ from gigajax.parallel.shardings import activation_rules
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]
 MOE_METRICS = ("moe_balance_loss", "moe_z_loss", "moe_load_max", "moe_dropped")  # moe_objective
+MOE_LOAD = "moe_load"  # [MoE layers, X]: each expert's share of its layer's assignments
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss: float = 0.0,
@@ -76,13 +78,20 @@ def moe_objective(stats: MoEStats, moe: MoEConfig, count: jax.Array
     means over the batch and the MoE layers, enter multiplied by this batch's count: an
     accumulated step then weighs each microbatch by its tokens. Metrics: the mean balance
     loss and z-loss, the most loaded expert's load over the mean (1: balanced; the worst
-    layer), and the share of assignments dropped (capacity dispatch)."""
+    layer), the share of assignments dropped (capacity dispatch), and each layer's load
+    vector (`MOE_LOAD`, what the routing-bias update reads)."""
     balance, z = jnp.mean(stats.load_balance_loss), jnp.mean(stats.router_z_loss)
     aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
     load_max = jnp.max(stats.load_X) * stats.load_X.shape[-1]
     metrics = dict(zip(MOE_METRICS, (balance, z, load_max, jnp.mean(stats.dropped_fraction)),
                        strict=True))
+    metrics[MOE_LOAD] = stats.load_X
     return count * aux, {k: count * v for k, v in metrics.items()}
+
+
+def is_routing_bias(path: tuple) -> bool:
+    """Whether a state path is a MoE layer's routing bias (`model.moe.RoutingBias`)."""
+    return any(getattr(key, "key", getattr(key, "name", None)) == "routing_bias" for key in path)
 
 
 def split_microbatches(batch: Batch, microbatches: int) -> Batch:
@@ -100,7 +109,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int = 1, z_loss: float = 0.0,
                     rules: Rules = DATA_PARALLEL.activations, loss_chunks: int = 1,
                     lora: bool = False, dropout_seed: int | None = None,
-                    loss_fn: Callable | None = None
+                    loss_fn: Callable | None = None, bias_update_rate: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a global batch, accumulating `microbatches` gradients by scan.
 
@@ -108,7 +117,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     from (seed, step, microbatch). `loss_fn(params, batch, dropout_key) -> (objective sum,
     (loss sum, count[, metric sums]))` defaults to the next-token loss (`make_loss_fn`);
     `train/objectives.py` has DPO's, whose metric sums (a dict) are divided by the count into
-    metrics of the same names.
+    metrics of the same names. `bias_update_rate` > 0: a MoE model's routing bias (not
+    trained: `trainable_and_frozen`) moves towards balance by the step's per-layer load
+    (`ops.moe_dispatch.balance_bias_update`, DeepSeek-V3).
     """
     loss_fn = loss_fn or make_loss_fn(graphdef, z_loss, rules, loss_chunks)
 
@@ -142,6 +153,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
         def keep_if_bad(new, old):
             return jnp.where(finite, new, old)
+
+        if bias_update_rate and extra and MOE_LOAD in extra[0]:
+            load_LX = extra[0][MOE_LOAD] / count  # the step's per-layer load, token-weighted
+            frozen = jax.tree.map_with_path(
+                lambda path, x: keep_if_bad(moe_dispatch.balance_bias_update(
+                    x, load_LX, bias_update_rate), x) if is_routing_bias(path) else x, frozen)
 
         new_state = {
             "step": state["step"] + 1,
