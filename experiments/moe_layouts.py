@@ -103,7 +103,10 @@ def main() -> None:
         writer.writerows(table)
     (out / "moe_layouts.json").write_text(json.dumps({"table": table, "runs": runs}, indent=1))
     last = list(runs)[-1]
-    plot_load(runs[last], out / "moe_load.png", f"tiny_moe expert load ({last})")
+    if "moe_load" not in runs[last][0]:  # a dense config: nothing to plot
+        print(f"wrote {out / 'moe_layouts.json'} and moe_layouts.csv")
+        return
+    plot_load(runs[last], out / "moe_load.png", f"{Path(args.config).stem} expert load ({last})")
     print(f"wrote {out / 'moe_layouts.json'}, moe_layouts.csv and moe_load.png")
 
 

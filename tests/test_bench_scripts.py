@@ -304,3 +304,16 @@ def test_bench_moe_rows_are_its_measurements(tmp_path, monkeypatch):
     assert rows[1]["arguments_mib"] < rows[0]["arguments_mib"]  # experts split 8 ways
     with open(tmp_path / "bench_moe.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_moe_layouts_flags_and_curve_comparison():
+    """experiments/moe_layouts.py: a layout's mesh flags (other axes 1) and the largest
+    relative loss difference at equal steps."""
+    script = load_script("moe_layouts")
+    assert script.mesh_flags("expert=4,data=2") == [
+        "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.expert=4",
+        "--config.mesh.sequence=1", "--config.mesh.tensor=1"]
+    reference = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "eval_loss": 4.0}]
+    rows = [{"step": 1, "loss": 2.2}, {"step": 2, "loss": 1.0, "eval_loss": 3.0}]
+    assert script.compare(reference, rows) == pytest.approx(
+        {"loss_rel_diff": 0.1, "eval_loss_rel_diff": 0.25})
