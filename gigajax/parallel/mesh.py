@@ -32,8 +32,9 @@ SEQUENCE_AXES = ("sequence", "ulysses")  # tokens are split over both
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Axis sizes with -1 resolved to the remaining devices; product must equal num_devices."""
-    sizes = {axis: int(mesh_cfg[axis]) for axis in AXES}
+    """Axis sizes with -1 resolved to the remaining devices; product must equal num_devices.
+    An axis `mesh_cfg` does not name is 1 (a mesh written before `expert` existed)."""
+    sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in AXES}
     fixed = math.prod(s for s in sizes.values() if s != -1)
     factors = " x ".join(f"{a}={s}" for a, s in sizes.items())
     for axis, size in sizes.items():
