@@ -90,20 +90,19 @@ def comm_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict
         gathered = state["params"] * f if zero3 else grads_unsharded_over_fsdp
         out["fsdp"] = int((f - 1) / f * (gathered * gathers + grads_unsharded_over_fsdp))
     dp_like = sizes.get("data", 1) * sizes.get("sequence", 1) * sizes.get("ulysses", 1)
-    e = sizes.get("expert", 1)
-    expert_grads = expert_grad_bytes(cfg, sizes) if e > 1 else 0
     if dp_like > 1:  # replicas of the same parameter shard: all-reduce their gradients
         out["data+sequence"] = int(2 * (dp_like - 1) / dp_like * state["grads"])
-    if e > 1:  # the rest of the model is replicated over `expert` too: one all-reduce more
-        out["expert"] = int(2 * (e - 1) / e * (state["grads"] - expert_grads))
     per_layer = layer_comm_bytes(cfg, sizes)
     for axis in ("tensor", "sequence", "ulysses"):
         sent = sum(block.get(axis, 0.0) for block in per_layer.values())
         if sent:
             out[axis] = int(m.n_layers * sent)
-    if e > 1:
-        out["expert"] += int((m.n_layers - m.moe.first_dense_layers) * expert_all_to_all_bytes(
-            cfg, sizes))
+    e = sizes.get("expert", 1)
+    if e > 1:  # all but the routed experts are replicated over `expert`: one all-reduce more
+        replicated_grads = state["grads"] - expert_grad_bytes(cfg, sizes)
+        n_moe = m.n_layers - m.moe.first_dense_layers
+        out["expert"] = (int(2 * (e - 1) / e * replicated_grads)
+                         + int(n_moe * expert_all_to_all_bytes(cfg, sizes)))
     return out
 
 

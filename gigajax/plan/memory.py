@@ -198,15 +198,15 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
         "minimal": layer_input + tokens * x.heads * x.e * x.p + lse,
     }[m.remat]
     working = one  # the backward of one layer (with remat: its recomputed activations)
-    n_dense = m.n_layers
+    n_moe, moe_saved = 0, 0
     if x.moe is not None:  # MoE layers keep their experts' activations instead of the MLP's
-        n_dense = cfg.model.moe.first_dense_layers
+        n_moe = m.n_layers - cfg.model.moe.first_dense_layers
         moe_one = moe_layer_activation_bytes(x, flash)
         moe_saved = moe_one if m.remat == "none" else saved
         working = max(one, moe_one)
     head = tokens * 2 * x.h * x.p // x.sp_t + 21 * x.v * tokens // cfg.train.loss_chunks
-    layers = n_dense * saved + (m.n_layers - n_dense) * (moe_saved if x.moe else 0) + working
-    return {"layers": int(layers), "head": int(head), "per_layer": max(one, working),
+    layers = (m.n_layers - n_moe) * saved + n_moe * moe_saved + working
+    return {"layers": int(layers), "head": int(head), "per_layer": working,
             "gathered": gathered_weight_bytes(cfg, sizes)}
 
 
