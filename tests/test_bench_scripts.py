@@ -158,10 +158,13 @@ def test_bench_attention_rejects_unknown_impl():
 def test_hf_parity_table_rows_and_worst_difference(tmp_path):
     parity = load_script("hf_parity")
     out = tmp_path / "parity.json"
-    assert parity.main(["--fixtures", "qwen3,llama_yarn", "--output", str(out)]) == 0
+    assert parity.main(["--fixtures", "qwen3_moe,llama_yarn", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [r["fixture"] for r in result["rows"]] == ["qwen3", "llama_yarn"]
-    differences = [r[layout] for r in result["rows"] for layout in parity.LAYOUTS]
+    assert [r["fixture"] for r in result["rows"]] == ["qwen3_moe", "llama_yarn"]
+    moe, dense = result["rows"]
+    assert all(moe[layout] is not None for layout in parity.LAYOUTS)
+    assert [dense[layout] for layout in parity.EXPERT_LAYOUTS] == [None, None]
+    differences = [r[k] for r in result["rows"] for k in parity.LAYOUTS if r[k] is not None]
     assert result["worst"] == max(differences) <= 1e-4
     assert len(list(csv.DictReader(open(out.with_suffix(".csv"))))) == 2
 

@@ -1,13 +1,15 @@
 """Hugging Face import and export: logits equal to transformers' own (fp32, 1e-4 absolute) on the
 committed fixtures (tests/fixtures/make_hf_fixtures.py made them with transformers: each family
-and RoPE scaling, 64 tokens against an original context of 32), on one device and under a ring
-and a Ulysses layout; export is the identity on every tensor; bad input is a one-line error.
+and RoPE scaling, Mixtral and Qwen3-MoE, 64 tokens against an original context of 32), on one
+device and under a ring and a Ulysses layout; export is the identity on every tensor; bad input
+is a one-line error. tests/test_hf_moe.py has the mixtures of experts' own tests.
 
 The fixtures' weights are sharp (logit std 2.5-3): the fixture script checks that dropping any
 feature a fixture covers moves its logits by more than 1e-2, and a control here proves that a
 wrong tensor mapping fails the 1e-4 test.
 """
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -79,8 +81,8 @@ def test_a_wrong_tensor_mapping_fails_the_parity_test(monkeypatch):
         rows = table(cfg)
         names = {r.ours: r.hf for r in rows}
         k, v = ("blocks", "attn", "wk"), ("blocks", "attn", "wv")
-        return [type(r)(r.ours, names[v] if r.ours == k else names[k] if r.ours == v else r.hf,
-                        r.rows, r.cols, r.transpose, r.layer) for r in rows]
+        return [dataclasses.replace(r, hf=names[v] if r.ours == k else names[k]
+                                    if r.ours == v else r.hf) for r in rows]
 
     monkeypatch.setattr(hf, "tensor_table", swapped)
     lm = gigajax.load(FIXTURES / "llama", "model.dtype=float32")
@@ -98,7 +100,8 @@ def test_a_wrong_rope_scaling_fails_the_parity_test():
 
 
 @pytest.mark.parametrize("name", ["llama_sharded", "qwen2", "qwen3", "llama32_tied",
-                                  "llama_yarn_notruncate", "llama_legacy_spelling", "mistral"])
+                                  "llama_yarn_notruncate", "llama_legacy_spelling", "mistral",
+                                  "mixtral", "qwen3_moe"])
 def test_import_then_export_is_the_identity_on_every_tensor(name, tmp_path):
     converted, exported = tmp_path / "gigajax", tmp_path / "hf"
     gigajax.from_hf(FIXTURES / name, converted)
@@ -215,6 +218,11 @@ def bad_inputs():
     def small_vocab(d):
         edit_config(d, vocab_size=300)
 
+    def missing_expert(d):
+        tensors = load_file(str(d / "model.safetensors"))
+        del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
     return [
         ("llama_sharded", missing_shard, "names shard model-00002-of-00005.safetensors"),
         ("llama_sharded", missing_index_entry, "model.layers.1.mlp.up_proj.weight"),
@@ -245,6 +253,17 @@ def bad_inputs():
                                                             "factor": "two"}),
          "rope parameter factor='two' is not a number"),
         ("qwen2", lambda d: edit_config(d, use_mrope=True), "use_mrope=True"),
+        ("qwen3_moe", lambda d: edit_config(d, decoder_sparse_step=2), "decoder_sparse_step=2"),
+        ("qwen3_moe", lambda d: edit_config(d, mlp_only_layers=[1]), "mlp_only_layers=[1]"),
+        ("qwen3_moe", lambda d: edit_config(d, num_experts=4), "it differs from "
+         "num_local_experts=8"),
+        ("qwen3_moe", lambda d: edit_config(d, num_experts_per_tok=9), "num_experts_per_tok=9"),
+        ("mixtral", lambda d: edit_config(d, router_jitter_noise=0.1), "router_jitter_noise=0.1"),
+        ("mixtral", lambda d: edit_config(d, num_local_experts=None),
+         "num_local_experts is missing"),
+        ("llama", lambda d: edit_config(d, num_local_experts=4), "field 'num_local_experts'"),
+        ("mixtral", missing_expert, "'model.layers.1.block_sparse_moe.experts.3.w2.weight' is "
+         "missing"),
         ("llama", lambda d: (d / "config.json").unlink(), "has no config.json"),
         ("llama", lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
     ]
@@ -434,10 +453,10 @@ def test_live_a_model_saved_by_transformers_imports_with_its_logits(rope, tmp_pa
 
 @pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("name", ["llama_yarn_notruncate", "llama3", "llama_dynamic", "mistral",
-                                  "qwen2_sliding"])
+                                  "qwen2_sliding", "mixtral", "qwen3_moe"])
 def test_live_exports_of_every_kind_give_transformers_the_source_logits(name, tmp_path):
     """transformers on our export equals transformers on the source, for the scalings, the
-    window and a Qwen model with sliding windows on every layer."""
+    window, a Qwen model with sliding windows on every layer, and the mixtures of experts."""
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import torch as torch_module

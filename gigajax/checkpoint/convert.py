@@ -24,7 +24,7 @@ import numpy as np
 from gigajax.checkpoint import hf
 from gigajax.checkpoint.hf import check_tokenizer, hf_model_config
 from gigajax.checkpoint.manager import ALLOW_UNVERIFIED, to_stderr, write_checksums
-from gigajax.checkpoint.params import DTYPES, merged_lora, read_params, save_params
+from gigajax.checkpoint.params import DTYPES, count, merged_lora, read_params, save_params
 from gigajax.config import ModelConfig, config_from_dict
 from gigajax.config.hf import architecture, read_hf_config, to_hf_config
 from gigajax.data.pipeline import data_tokenizer
@@ -72,7 +72,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, dtype: str = "float32",
         cfg.data.tokenizer = str(out / "tokenizer" / vocabulary)
     params = jax.tree.map(lambda x: np.asarray(x, DTYPES[dtype]), lazy)
     meta = {"format": "gigajax-params-v1", "config": cfg.to_dict(), "source_steps": [],
-            "made_by": "convert from-hf", "dtype": dtype, "num_params": _count(params),
+            "made_by": "convert from-hf", "dtype": dtype, "num_params": count(params),
             "hf": {"path": str(hf_dir), "tokenizer_files": present,
                    "architecture": architecture(read_hf_config(hf_dir), str(hf_dir))}}
     with staging as directory:
@@ -117,22 +117,16 @@ def to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16",
     hf_config = to_hf_config(cfg, dtype, token_ids)
     np_dtype = DTYPES[dtype]
     tensors = list(hf.hf_tensors(found.params, model_cfg, np_dtype))
-    shapes = dict(_hf_shapes(model_cfg))
+    shapes = dict(hf.hf_shapes(model_cfg))
     with staging as directory:
         directory.mkdir()
         files = hf.write_safetensors(directory, tensors, shapes, np_dtype, max_bytes)
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         files += ["config.json", *write_tokenizer(tok, directory, cfg)]
     size = sum((out / f).stat().st_size for f in files if (out / f).is_file())
-    written = {"path": str(out), "num_params": _count(found.params), "dtype": dtype,
+    written = {"path": str(out), "num_params": count(found.params), "dtype": dtype,
                "megabytes": size / 2**20, "files": files}
     return _report(written, start, f"from {found.path}", report)
-
-
-def _hf_shapes(cfg: ModelConfig):
-    for spec in hf.tensor_table(cfg):
-        for i in range(cfg.n_layers) if spec.layer else [None]:
-            yield spec.hf.format(i=i), spec.hf_shape
 
 
 def _run_tokenizer(cfg: ml_collections.ConfigDict, log: Callable[[str], None]
@@ -233,10 +227,6 @@ def _gpt2_byte_chars() -> dict[int, str]:
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise GigajaxError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}.")
-
-
-def _count(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 class _staging:

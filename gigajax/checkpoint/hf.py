@@ -14,6 +14,7 @@ after each read.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gigajax.config import ModelConfig
-from gigajax.config.hf import from_hf_config, read_hf_config
+from gigajax.config.hf import from_hf_config, hf_family, read_hf_config
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
 from gigajax.errors import ConfigError, GigajaxError
 
@@ -36,19 +37,22 @@ INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
                 "F16": np.dtype(np.float16)}
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved; recomputed here
+ROUTING_BIAS = "routing_bias"  # model/moe.py's RoutingBias, under moe_blocks/mlp
 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One HF tensor (per layer when `layer`): its rows split as `rows`, its columns as `cols`;
-    ours is that reshape, transposed (columns first) when `transpose`."""
+    """One HF tensor (per layer {i} of `layers`, per expert {j} of `experts`): its rows split as
+    `rows`, its columns as `cols`; ours is that reshape, transposed (columns first) when
+    `transpose`, stacked over the layers and then the experts."""
 
     ours: tuple[str, ...]  # path in the nnx.to_pure_dict tree
-    hf: str  # name, with {i} for the layer
+    hf: str  # name, with {i} for the layer and {j} for the expert
     rows: tuple[int, ...]
     cols: tuple[int, ...] = ()
     transpose: bool = False
-    layer: bool = True
+    layers: range | None = None  # the HF layers of a stacked tensor (None: not per layer)
+    experts: int = 0  # > 0: one HF tensor per expert, stacked after the layers
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -56,8 +60,25 @@ class Tensor:
 
     @property
     def our_shape(self) -> tuple[int, ...]:
-        """Per layer (without the stacked `layers` axis)."""
+        """Per HF tensor (without the stacked `layers` and expert axes)."""
         return self.cols + self.rows if self.transpose else self.rows + self.cols
+
+    @property
+    def stacked(self) -> tuple[int, ...]:
+        """The sizes of our leading axes that run over HF tensors: layers, then experts."""
+        return (((len(self.layers),) if self.layers is not None else ())
+                + ((self.experts,) if self.experts else ()))
+
+    def name(self, *position: int) -> str:
+        """The HF name at a position of the stacked axes (layer index in the stack, expert)."""
+        layer = self.layers[position[0]] if self.layers is not None else None
+        expert = position[-1] if self.experts else None
+        return self.hf.format(i=layer, j=expert)
+
+    def names(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(HF name, position in the stacked axes) of every HF tensor this one gathers."""
+        for position in itertools.product(*map(range, self.stacked)):
+            yield self.name(*position), position
 
     def to_ours(self, hf_RC: np.ndarray) -> np.ndarray:
         x = hf_RC.reshape(self.rows + self.cols)
@@ -74,32 +95,69 @@ class Tensor:
 
 
 def tensor_table(cfg: ModelConfig) -> list[Tensor]:
-    """Every tensor of the HF checkpoint of `cfg`, in HF's order."""
-    D, H, K, E, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
-                        cfg.vocab_size)
-    attn, layer = "model.layers.{i}.self_attn.", "model.layers.{i}."
-    table = [Tensor(("embed",), "model.embed_tokens.weight", (V,), (D,), layer=False),
-             Tensor(("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,))]
-    for name, heads in (("q", H), ("k", K), ("v", K)):
-        table.append(Tensor(("blocks", "attn", f"w{name}"), attn + f"{name}_proj.weight",
-                            (heads, E), (D,), transpose=True))
-        if cfg.qkv_bias:
-            table.append(Tensor(("blocks", "attn", f"b{name}"), attn + f"{name}_proj.bias",
-                                (heads, E)))
-    table.append(Tensor(("blocks", "attn", "wo"), attn + "o_proj.weight", (D,), (H, E),
-                        transpose=True))
-    if cfg.qk_norm:
-        table += [Tensor(("blocks", "attn", "q_norm", "scale"), attn + "q_norm.weight", (E,)),
-                  Tensor(("blocks", "attn", "k_norm", "scale"), attn + "k_norm.weight", (E,))]
-    table += [
-        Tensor(("blocks", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (D,)),
-        Tensor(("blocks", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", (F,), (D,), True),
-        Tensor(("blocks", "mlp", "w_up"), layer + "mlp.up_proj.weight", (F,), (D,), True),
-        Tensor(("blocks", "mlp", "w_down"), layer + "mlp.down_proj.weight", (D,), (F,), True),
-        Tensor(("final_norm", "scale"), "model.norm.weight", (D,), layer=False)]
+    """Every tensor of the HF checkpoint of `cfg`, in HF's order: dense blocks in `blocks`, a
+    mixture of experts' blocks (after its `first_dense_layers`) in `moe_blocks`."""
+    D, V = cfg.d_model, cfg.vocab_size
+    moe = bool(cfg.moe.n_routed_experts)
+    n_dense = cfg.moe.first_dense_layers if moe else cfg.n_layers
+    table = [Tensor(("embed",), "model.embed_tokens.weight", (V,), (D,))]
+    for stack, layers in (("blocks", range(n_dense)), ("moe_blocks", range(n_dense, cfg.n_layers))):
+        if layers:
+            table += _block_tensors(cfg, stack, layers)
+    table.append(Tensor(("final_norm", "scale"), "model.norm.weight", (D,)))
     if not cfg.tie_embeddings:
-        table.append(Tensor(("lm_head",), "lm_head.weight", (V,), (D,), True, layer=False))
+        table.append(Tensor(("lm_head",), "lm_head.weight", (V,), (D,), True))
     return table
+
+
+def _block_tensors(cfg: ModelConfig, stack: str, layers: range) -> list[Tensor]:
+    """The tensors of the blocks `layers`, our stack `stack` (moe_blocks: routed experts)."""
+    D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    attn, layer = "model.layers.{i}.self_attn.", "model.layers.{i}."
+
+    def per_layer(ours: tuple[str, ...], hf: str, rows, cols=(), transpose=False, experts=0):
+        return Tensor((stack, *ours), hf, rows, cols, transpose, layers, experts)
+
+    table = [per_layer(("attn_norm", "scale"), layer + "input_layernorm.weight", (D,))]
+    for name, heads in (("q", H), ("k", K), ("v", K)):
+        table.append(per_layer(("attn", f"w{name}"), attn + f"{name}_proj.weight", (heads, E),
+                               (D,), True))
+        if cfg.qkv_bias:
+            table.append(per_layer(("attn", f"b{name}"), attn + f"{name}_proj.bias",
+                                   (heads, E)))
+    table.append(per_layer(("attn", "wo"), attn + "o_proj.weight", (D,), (H, E), True))
+    if cfg.qk_norm:
+        table += [per_layer(("attn", "q_norm", "scale"), attn + "q_norm.weight", (E,)),
+                  per_layer(("attn", "k_norm", "scale"), attn + "k_norm.weight", (E,))]
+    table.append(per_layer(("mlp_norm", "scale"), layer + "post_attention_layernorm.weight",
+                           (D,)))
+    if stack == "blocks":
+        return table + [
+            per_layer(("mlp", "w_gate"), layer + "mlp.gate_proj.weight", (F,), (D,), True),
+            per_layer(("mlp", "w_up"), layer + "mlp.up_proj.weight", (F,), (D,), True),
+            per_layer(("mlp", "w_down"), layer + "mlp.down_proj.weight", (D,), (F,), True)]
+    moe = cfg.moe
+    if moe.n_shared_experts:
+        raise ConfigError("model.moe.n_shared_experts > 0: Mixtral and Qwen3-MoE checkpoints "
+                          "have no shared experts.")
+    X, Fx = moe.n_routed_experts, moe.expert_mlp_dim or cfg.mlp_dim
+    family = hf_family(cfg.qk_norm, cfg.qkv_bias, cfg.sliding_window, moe=True)
+    mlp, (gate, up, down) = ((layer + "block_sparse_moe.", ("w1", "w3", "w2"))
+                             if family == "mixtral" else
+                             (layer + "mlp.", ("gate_proj", "up_proj", "down_proj")))
+    expert = mlp + "experts.{j}."
+    return table + [
+        per_layer(("mlp", "router"), mlp + "gate.weight", (X,), (D,), True),
+        per_layer(("mlp", "w_gate"), expert + gate + ".weight", (Fx,), (D,), True, X),
+        per_layer(("mlp", "w_up"), expert + up + ".weight", (Fx,), (D,), True, X),
+        per_layer(("mlp", "w_down"), expert + down + ".weight", (D,), (Fx,), True, X)]
+
+
+def hf_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor of the HF checkpoint of `cfg`."""
+    for spec in tensor_table(cfg):
+        for name, _ in spec.names():
+            yield name, spec.hf_shape
 
 
 def tensor_files(hf_dir: Path) -> dict[str, Path]:
@@ -139,11 +197,12 @@ def _open(path: Path):
 
 class HFTensor:
     """One gigajax parameter read lazily from HF files: `x[index]` reads that slice only.
-    Shape is ours (stacked layers first for per-layer tensors); dtype is the file's."""
+    Shape is ours (stacked layers, then experts, first where the tensor has them); dtype is
+    the file's."""
 
-    def __init__(self, spec: Tensor, files: dict[str, Path], n_layers: int, dtype: np.dtype):
-        self.spec, self.files, self.n_layers = spec, files, n_layers
-        self.shape = ((n_layers,) if spec.layer else ()) + spec.our_shape
+    def __init__(self, spec: Tensor, files: dict[str, Path], dtype: np.dtype):
+        self.spec, self.files = spec, files
+        self.shape = spec.stacked + spec.our_shape
         self.dtype = dtype
         self.bytes_read = 0
 
@@ -161,12 +220,15 @@ class HFTensor:
 
     def __getitem__(self, index: Any) -> np.ndarray:
         slices = _slices(index, self.shape)
-        if not self.spec.layer:
+        n = len(self.spec.stacked)
+        if not n:
             return self._read(self.spec.hf, slices)
-        layers = range(*slices[0].indices(self.n_layers))
-        if not layers:
+        ranges = [range(*s.indices(size)) for s, size in zip(slices[:n], self.shape, strict=False)]
+        if not all(ranges):
             raise IndexError(f"HFTensor: empty slice {index!r} of a {self.shape} tensor")
-        return np.stack([self._read(self.spec.hf.format(i=i), slices[1:]) for i in layers])
+        parts = [self._read(self.spec.name(*position), slices[n:])
+                 for position in itertools.product(*ranges)]
+        return np.stack(parts).reshape(tuple(map(len, ranges)) + parts[0].shape)
 
     def _read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
         """Our slice `slices` of one HF tensor: the covering rows x columns read from the file,
@@ -215,12 +277,12 @@ def _covering(slices: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[slice, 
 def hf_params(hf_dir: str | Path, cfg: ModelConfig) -> dict:
     """The params of an HF checkpoint as a pure dict (nnx.to_pure_dict layout) of lazy
     `HFTensor`s, after checking that every tensor is present with its shape and a float dtype
-    and that no unexpected tensor is (GigajaxError naming the tensor and the file)."""
+    and that no unexpected tensor is (GigajaxError naming the tensor and the file). A mixture
+    of experts' routing bias, which Mixtral and Qwen3-MoE lack, is zero."""
     hf_dir = Path(hf_dir)
     files = tensor_files(hf_dir)
     table = tensor_table(cfg)
-    expected = {s.hf.format(i=i): s for s in table
-                for i in (range(cfg.n_layers) if s.layer else [None])}
+    expected = {name: s for s in table for name, _ in s.names()}
     extra = sorted(n for n in files if n not in expected
                    and not n.endswith(IGNORED_TENSORS)
                    and not (cfg.tie_embeddings and n == "lm_head.weight"))
@@ -259,7 +321,11 @@ def hf_params(hf_dir: str | Path, cfg: ModelConfig) -> dict:
         node = params
         for key in spec.ours[:-1]:
             node = node.setdefault(key, {})
-        node[spec.ours[-1]] = HFTensor(spec, files, cfg.n_layers, dtype)
+        node[spec.ours[-1]] = HFTensor(spec, files, dtype)
+    if cfg.moe.n_routed_experts:
+        moe_layers = cfg.n_layers - cfg.moe.first_dense_layers
+        params["moe_blocks"]["mlp"][ROUTING_BIAS] = np.zeros(
+            (moe_layers, cfg.moe.n_routed_experts), np.float32)
     return params
 
 
@@ -271,12 +337,21 @@ def _leaf(params: dict, path: tuple[str, ...]) -> Any:
 
 def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tuple[str, Any]]:
     """(HF name, a function giving the array) for every tensor of the HF checkpoint of `params`
-    (our pure dict, host arrays), in HF's order; each array is made when called."""
+    (our pure dict, host arrays), in HF's order; each array is made when called. A trained
+    routing bias is refused: the HF model would route its tokens differently."""
+    if cfg.moe.n_routed_experts:
+        bias = np.asarray(params["moe_blocks"]["mlp"][ROUTING_BIAS])
+        if np.any(bias):
+            raise ConfigError(f"the routing bias is not zero (max |bias| {np.abs(bias).max():.3g}"
+                              ", trained by model.moe.bias_update_rate > 0): Mixtral and "
+                              "Qwen3-MoE route without one, so the export would pick other "
+                              "experts. Cannot export.")
     for spec in tensor_table(cfg):
         ours = _leaf(params, spec.ours)
-        for i in range(cfg.n_layers) if spec.layer else [None]:
-            part = ours[i:i + 1][0] if spec.layer else ours  # (an HFTensor takes slices only)
-            yield spec.hf.format(i=i), (lambda s=spec, p=part: s.to_hf(np.asarray(p, dtype)))
+        for name, position in spec.names():
+            # one HF tensor's slice (an HFTensor takes slices only)
+            part = ours[tuple(slice(k, k + 1) for k in position)][(0,) * len(position)]
+            yield name, (lambda s=spec, p=part: s.to_hf(np.asarray(p, dtype)))
 
 
 def _umask() -> int:

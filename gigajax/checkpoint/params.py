@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gigajax.checkpoint.hf import hf_model_config, hf_params
+from gigajax.checkpoint.hf import ROUTING_BIAS, hf_model_config, hf_params
 from gigajax.checkpoint.manager import (
     ALLOW_UNVERIFIED,
     CorruptCheckpoint,
@@ -108,7 +108,9 @@ def train_params(directory: Path) -> tuple[dict, dict]:
 
 
 def count(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    """The number of parameters (a MoE's routing bias is state, not a parameter)."""
+    return sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if getattr(path[-1], "key", None) != ROUTING_BIAS)
 
 
 def save_params(out: str | Path, params: Any, meta: dict) -> dict:

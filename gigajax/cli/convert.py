@@ -30,7 +30,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "convert", help="Hugging Face import and export: from-hf, to-hf",
         description="Convert between Hugging Face model directories (LLaMA 2/3/3.1/3.2, "
-                    "Mistral, Qwen2/2.5, Qwen3: config.json, safetensors, tokenizer) and "
+                    "Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen3-MoE: config.json, safetensors, "
+                    "tokenizer) and "
                     "gigajax checkpoints. Outputs are written under a temporary name and "
                     "renamed when complete.")
     tools = parser.add_subparsers(dest="convert_command", required=True)

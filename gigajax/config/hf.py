@@ -1,5 +1,5 @@
 """Hugging Face `config.json` <-> gigajax config, for the LLaMA family: LLaMA 2/3/3.1/3.2,
-Mistral, Qwen2/2.5 and Qwen3.
+Mistral, Qwen2/2.5 and Qwen3, and the mixtures of experts Mixtral and Qwen3-MoE.
 
 Every field of an HF config is mapped (`MAPPED`), known to leave the math alone (`HARMLESS`), or
 refused with a ConfigError naming it (an unknown activation, biases gigajax lacks, a RoPE type it
@@ -26,7 +26,10 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
           "rms_norm_eps", "tie_word_embeddings", "initializer_range", "rope_theta",
@@ -34,6 +37,10 @@ MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
           "max_window_layers", "layer_types", "hidden_act", "attention_bias", "mlp_bias",
           "attention_dropout", "architectures", "model_type", "partial_rotary_factor",
           "use_mrope")
+# the mixture-of-experts fields (Mixtral, Qwen3-MoE); refused in a dense family's config
+MOE_MAPPED = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
+              "router_jitter_noise", "output_router_logits")
 # fields that do not change the forward pass (token ids, bookkeeping, generation defaults)
 HARMLESS = ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
             "transformers_version", "use_cache", "pretraining_tp", "_name_or_path",
@@ -105,7 +112,8 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json",
     ConfigError naming the field for anything gigajax would compute differently."""
     arch = architecture(hf, where)
     family = ARCHITECTURES[arch]
-    unknown = sorted(set(hf) - set(MAPPED) - set(HARMLESS) - set(ignore))
+    mapped = MAPPED + (MOE_MAPPED if family in MOE_FAMILIES else ())
+    unknown = sorted(set(hf) - set(mapped) - set(HARMLESS) - set(ignore))
     if unknown:
         raise ConfigError(f"{where}: field {unknown[0]!r} is not one gigajax maps or knows to be "
                           "harmless" + (f" (also: {', '.join(unknown[1:])})" if unknown[1:] else "")
@@ -154,19 +162,53 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json",
              norm_eps=value("rms_norm_eps", float, 1e-6),
              init_std=value("initializer_range", float, 0.02),
              tie_embeddings=value("tie_word_embeddings", bool, False),
-             qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+             qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"),
              sliding_window=_sliding_window(hf, family, refuse))
+    if family in MOE_FAMILIES:
+        _read_moe(hf, m, family, value, refuse)
     _read_rope(hf, m, where)
     cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
     return cfg
 
 
+def _read_moe(hf: Mapping[str, Any], m: ml_collections.ConfigDict, family: str, value,
+              refuse) -> None:
+    """model.moe of a Mixtral or Qwen3-MoE config: softmax routing over the experts, top-k,
+    no shared experts; Qwen3-MoE's dense layers (`mlp_only_layers`) must be the first ones."""
+    if "num_experts" in hf and "num_local_experts" in hf and (
+            hf["num_experts"] != hf["num_local_experts"]):
+        refuse("num_experts", f"it differs from num_local_experts={hf['num_local_experts']!r} "
+               "(two spellings of the expert count)")
+    experts = value("num_experts" if "num_experts" in hf else "num_local_experts")
+    if hf.get("router_jitter_noise"):
+        refuse("router_jitter_noise", "gigajax's router has no input jitter; set it to 0.0")
+    moe = m.moe
+    moe.update(n_routed_experts=experts, top_k=value("num_experts_per_tok"), n_shared_experts=0,
+               score="softmax", aux_loss_weight=value("router_aux_loss_coef", float, 0.001),
+               z_loss_weight=0.0)
+    if moe.top_k > experts:
+        refuse("num_experts_per_tok", f"a token picks at most the {experts} experts there are")
+    if family == "mixtral":  # every layer sparse; intermediate_size is each expert's width
+        moe.update(expert_mlp_dim=m.mlp_dim, renormalize=True, first_dense_layers=0)
+        return
+    if value("decoder_sparse_step", int, 1) != 1:
+        refuse("decoder_sparse_step", "experts in every k-th layer only: gigajax's MoE layers "
+               "are all the layers after the first model.moe.first_dense_layers")
+    dense = hf.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or dense != list(range(len(dense))) or (
+            len(dense) >= m.n_layers):
+        refuse("mlp_only_layers", "gigajax's dense layers are the first ones, 0..k-1, and at "
+               "least one layer has experts")
+    moe.update(expert_mlp_dim=value("moe_intermediate_size"), first_dense_layers=len(dense),
+               renormalize=value("norm_topk_prob", bool, False))
+
+
 def _sliding_window(hf: Mapping[str, Any], family: str, refuse) -> int:
     """The window of every layer (0: none); mixed full and sliding layers are refused."""
     window = int(hf.get("sliding_window") or 0)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         return window
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         layer_types = hf.get("layer_types") or []
         if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
             if layer_types and set(layer_types) == {"sliding_attention"}:
@@ -237,21 +279,29 @@ def _read_rope(hf: Mapping[str, Any], m: ml_collections.ConfigDict, where: str) 
         rs.truncate = bool(params["truncate"])
 
 
+def hf_family(qk_norm: bool, qkv_bias: bool, sliding_window: int, moe: bool) -> str:
+    """The HF family a gigajax model exports as: Qwen3(-MoE) with q/k norms, Qwen2 with q/k/v
+    biases, Mixtral for other MoE models, Mistral with a sliding window, LLaMA otherwise."""
+    if moe:
+        return "qwen3_moe" if qk_norm else "mixtral"
+    return "qwen3" if qk_norm else "qwen2" if qkv_bias else (
+        "mistral" if sliding_window else "llama")
+
+
 def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
                  token_ids: Mapping[str, int | None]) -> dict[str, Any]:
     """The HF config.json of a gigajax model: LLaMA, or Mistral with a sliding window, Qwen2 with
-    q/k/v biases, Qwen3 with q/k norms. RoPE is written in both spellings (transformers 5's
-    `rope_parameters`, and `rope_theta` + `rope_scaling` for 4.x)."""
+    q/k/v biases, Qwen3 with q/k norms; Mixtral or Qwen3-MoE (q/k norms) for a mixture of
+    experts. RoPE is written in both spellings (transformers 5's `rope_parameters`, and
+    `rope_theta` + `rope_scaling` for 4.x)."""
     m = cfg.model
-    if m.moe.n_routed_experts:
-        raise ConfigError("model.moe.n_routed_experts > 0: Hugging Face export of "
-                          "mixture-of-experts models is not supported yet (dense LLaMA, "
-                          "Mistral and Qwen2/3 are).")
-    family = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else (
-        "mistral" if m.sliding_window else "llama")
     if m.qk_norm and m.qkv_bias:
         raise ConfigError("model.qkv_bias and model.qk_norm together match no Hugging Face "
                           "family (Qwen2 has biases, Qwen3 has norms): cannot export.")
+    moe = bool(m.moe.n_routed_experts)
+    family = hf_family(m.qk_norm, m.qkv_bias, m.sliding_window, moe)
+    if moe:
+        _check_moe_export(m, family)
     arch = next(a for a, f in ARCHITECTURES.items() if f == family)
     rope, max_positions = _rope_out(m)
     hf: dict[str, Any] = {
@@ -267,18 +317,53 @@ def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
         {k: v for k, v in rope.items() if k != "rope_theta"},
         "dtype": dtype, "torch_dtype": dtype, "use_cache": True, **token_ids,
     }
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "qwen3_moe"):
         hf["attention_bias"] = False
     if family == "llama":
         hf["mlp_bias"] = False
-    if family == "mistral":
-        hf["sliding_window"] = m.sliding_window
-    if family in ("qwen2", "qwen3"):
+    if family in ("mistral", "mixtral"):
+        hf["sliding_window"] = m.sliding_window or None
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         window = m.sliding_window or None
         hf.update(use_sliding_window=bool(window), sliding_window=window, max_window_layers=0,
                   layer_types=["sliding_attention" if window else "full_attention"]
                   * m.n_layers)
+    if moe:
+        hf.update(num_local_experts=m.moe.n_routed_experts,
+                  num_experts_per_tok=m.moe.top_k,
+                  router_aux_loss_coef=float(m.moe.aux_loss_weight),
+                  output_router_logits=False)
+    if family == "mixtral":
+        hf.update(intermediate_size=m.moe.expert_mlp_dim or m.mlp_dim, router_jitter_noise=0.0)
+    if family == "qwen3_moe":
+        hf.update(num_experts=m.moe.n_routed_experts,
+                  moe_intermediate_size=m.moe.expert_mlp_dim or m.mlp_dim,
+                  norm_topk_prob=bool(m.moe.renormalize), decoder_sparse_step=1,
+                  mlp_only_layers=list(range(m.moe.first_dense_layers)))
     return hf
+
+
+def _check_moe_export(m: ml_collections.ConfigDict, family: str) -> None:
+    """ConfigError naming the field a Mixtral / Qwen3-MoE checkpoint cannot express."""
+    moe = m.moe
+
+    def refuse(field: str, value: Any, why: str) -> None:
+        raise ConfigError(f"model.{field}={value!r}: cannot export to Hugging Face: {why}.")
+
+    if m.qkv_bias:
+        refuse("qkv_bias", m.qkv_bias, "no exported mixture-of-experts family (Mixtral, "
+               "Qwen3-MoE) has q/k/v biases")
+    if moe.n_shared_experts:
+        refuse("moe.n_shared_experts", moe.n_shared_experts, "Mixtral and Qwen3-MoE have no "
+               "shared experts")
+    if moe.score != "softmax":
+        refuse("moe.score", moe.score, "Mixtral and Qwen3-MoE route by softmax scores")
+    if family == "mixtral" and moe.first_dense_layers:
+        refuse("moe.first_dense_layers", moe.first_dense_layers, "Mixtral (a MoE model without "
+               "q/k norms exports as Mixtral) has experts in every layer")
+    if family == "mixtral" and not moe.renormalize:
+        refuse("moe.renormalize", moe.renormalize, "Mixtral always divides the top-k weights "
+               "by their sum")
 
 
 def _rope_out(m: ml_collections.ConfigDict) -> tuple[dict[str, Any], int]:
