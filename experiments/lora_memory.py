@@ -43,7 +43,7 @@ def measure(cfg, layout: dict, rank: int, targets: str, dtype: str, compile: boo
     c.model.lora.rank, c.model.lora.targets = rank, targets
     devices = devices_needed([layout])
     start = time.perf_counter()
-    plan = planner.plan(c, devices)
+    plan = planner.plan(c, devices, jax.default_backend())
     row = {"rank": rank, "targets": targets if rank else "-",
            "params": param_count(ModelConfig.from_config(c)),
            "trained": adapter_params(ModelConfig.from_config(c)) if rank

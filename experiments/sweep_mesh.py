@@ -62,7 +62,7 @@ def run_point(cfg, layout: dict, remat: str, warmup: int, steps: int) -> dict:
         return {**row, "error": str(error).splitlines()[0][:200]}
     n = mesh.size
     row["devices"] = n
-    row["predicted_mb"] = plan(c, n)["predicted_bytes_per_device"] / MB
+    row["predicted_mb"] = plan(c, n, jax.default_backend())["predicted_bytes_per_device"] / MB
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         training = build_training(c, mesh)

@@ -352,16 +352,19 @@ def eval_passkey(checkpoint: str | Path, lengths: str | Sequence[int], *,
     return result
 
 
-def plan(config: ConfigLike, devices: int | None = None, *, compile: bool = False
-         ) -> dict[str, Any]:
+def plan(config: ConfigLike, devices: int | None = None, *, compile: bool = False,
+         backend: str | None = None) -> dict[str, Any]:
     """Predicted per-device memory (bytes) and per-step communication of `config` on `devices`
-    (default: the mesh's own count); with `compile`, XLA's figure beside it (the step is
-    compiled for simulated devices; nothing runs)."""
+    (default: the mesh's own count) of `backend` (default gpu; with `compile`, this machine's,
+    so that XLA's figure, which is beside it, is compiled for the same backend; nothing
+    runs)."""
     cfg = _config(config)
     devices = _device_count(cfg, devices)
     if compile:
         ensure_devices(devices)
-    result = planner.plan(cfg, devices)
+    if backend is None:
+        backend = jax.default_backend() if compile else "gpu"
+    result = planner.plan(cfg, devices, backend)
     if compile:
         result["compiled"] = planner.compiled_memory(cfg, devices)
         result["compiled_bytes_per_device"] = result["compiled"]["total"]

@@ -1,5 +1,6 @@
-"""`gigajax plan --config FILE [--devices N] [--json] [--compile] [--advise]`: predicted memory
-and communication of a config (`plan/`), or every layout ranked (`--advise`)."""
+"""`gigajax plan --config FILE [--devices N] [--json] [--compile] [--backend B] [--advise]`:
+predicted memory and communication of a config (`plan/`), or every layout ranked
+(`--advise`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from gigajax import api
 from gigajax.cli.common import split_overrides
 from gigajax.errors import GigajaxError
 from gigajax.plan.advise import format_advice
-from gigajax.plan.planner import format_plan
+from gigajax.plan.planner import BACKENDS, format_plan
 
 
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
@@ -26,7 +27,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
         advice = api.advise(cfg, args.devices, args.max_memory)
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, args.top))
         return 0
-    result = api.plan(cfg, args.devices, compile=args.compile)
+    result = api.plan(cfg, args.devices, compile=args.compile, backend=args.backend)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -43,6 +44,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     planner.add_argument("--compile", action="store_true",
                          help="also compile the train step for the devices (simulated on CPU; "
                               "nothing runs) and print XLA's per-device memory beside")
+    planner.add_argument("--backend", choices=BACKENDS,
+                         help="the backend the step will compile for (default gpu; with "
+                              "--compile, this machine's): a MoE model's grouped matmul is a "
+                              "dense masked matmul on cpu")
     planner.add_argument("--advise", action="store_true",
                          help="rank every layout of the device count by estimated step time "
                               "among those that fit --max-memory, with the TP-vs-SP crossover")

@@ -97,10 +97,19 @@ class MoEShape:
     rows_per_assignment: int  # rows the grouped matmul runs per assignment: E (`expert` size)
     f: int  # an expert's hidden width per device (after `tensor`)
     shared_f: int  # the shared experts' width per device
+    local_x: int  # the experts one device holds (x / `expert`)
+    dense_ragged_dot: bool  # the backend runs every row against every local expert (XLA:CPU)
 
 
-def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Shape:
-    """Per-device activation extents of one transformer layer under `sizes`."""
+# backends whose `jax.lax.ragged_dot` is a masked dense matmul over every group (jax's
+# `_ragged_dot_general_impl`): XLA:CPU; GPU and TPU lower it to one grouped matmul
+DENSE_RAGGED_DOT_BACKENDS = ("cpu",)
+
+
+def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int],
+                backend: str = "gpu") -> Shape:
+    """Per-device activation extents of one transformer layer under `sizes`, for the backend
+    the step compiles for (`backend`: gpu, tpu or cpu; only a MoE layer depends on it)."""
     m = ModelConfig.from_config(cfg)
     t, n_sp = sizes.get("tensor", 1), sizes.get("sequence", 1) * sizes.get("ulysses", 1)
     ulysses = sizes.get("ulysses", 1)
@@ -114,7 +123,10 @@ def layer_shape(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> Sha
         width = m.moe.expert_mlp_dim or m.mlp_dim
         moe = MoEShape(x=m.moe.n_routed_experts, k=m.moe.top_k,
                        rows_per_assignment=sizes.get("expert", 1), f=-(-width // t),
-                       shared_f=-(-m.moe.n_shared_experts * width // t))
+                       shared_f=-(-m.moe.n_shared_experts * width // t),
+                       local_x=m.moe.n_routed_experts // sizes.get("expert", 1),
+                       dense_ragged_dot=(m.moe.dispatch == "ragged"
+                                         and backend in DENSE_RAGGED_DOT_BACKENDS))
     rows_over = sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("expert", 1)
     return Shape(
         b=max(1, batch // rows_over),
@@ -170,10 +182,23 @@ def moe_layer_activation_bytes(x: Shape, flash: bool) -> int:
     return int(layer_activation_bytes(x, flash) - dense_mlp + x.b * x.s * per_token)
 
 
-def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> dict[str, int]:
+def dense_ragged_dot_bytes(x: Shape) -> int:
+    """The extra working set of one MoE layer's backward where `ragged_dot` is a masked dense
+    matmul (XLA:CPU): each grouped matmul masks a copy of its row operand per local expert.
+    Measured on one dispatch (N rows, D, F, X experts; fp32) the backward holds about
+    X N (2 D + 3 F) elements at its peak: copies of the rows' input and of the output
+    gradient, and of three F-wide intermediates (gate, up and their product's gradients)."""
+    moe = x.moe
+    rows = moe.rows_per_assignment * moe.k * x.b * x.s
+    return int(moe.local_x * rows * (2 * x.h + 3 * moe.f) * x.p)
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int],
+                     backend: str = "gpu") -> dict[str, int]:
     """Per-device activation bytes of a train step: layers (under `model.remat`), the head,
     and the backward's working set of one layer (about one layer's activations: with remat,
-    the recomputed ones; the gradients flowing through are fused away or freed at once).
+    the recomputed ones; the gradients flowing through are fused away or freed at once; for a
+    MoE layer on a backend with a dense `ragged_dot`, its masked copies too).
 
     none: every layer's activations. full: each layer's input (p s b h / sp_t, the scan carry).
     dots: the weight matmuls' outputs (q, k, v, the attention projection, gate, up, down: per
@@ -184,7 +209,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
     their gradient (12 v bytes more). With `train.loss_chunks` = n the loss keeps only its
     input and holds those 21 v bytes for one slice of tokens (1/n) at a time.
     """
-    x, m = layer_shape(cfg, sizes), cfg.model
+    x, m = layer_shape(cfg, sizes, backend), cfg.model
     flash = cfg.attention.impl in ("blockwise", "cudnn")
     one = layer_activation_bytes(x, flash)
     tokens = x.b * x.s
@@ -203,7 +228,8 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: Mapping[str, int]) -
         n_moe = m.n_layers - cfg.model.moe.first_dense_layers
         moe_one = moe_layer_activation_bytes(x, flash)
         moe_saved = moe_one if m.remat == "none" else saved
-        working = max(one, moe_one)
+        dense = dense_ragged_dot_bytes(x) if x.moe.dense_ragged_dot else 0
+        working = max(one, moe_one + dense)
     head = tokens * 2 * x.h * x.p // x.sp_t + 21 * x.v * tokens // cfg.train.loss_chunks
     layers = (m.n_layers - n_moe) * saved + n_moe * moe_saved + working
     return {"layers": int(layers), "head": int(head), "per_layer": working,

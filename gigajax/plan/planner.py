@@ -21,16 +21,22 @@ from gigajax.plan.comm import comm_bytes
 from gigajax.plan.memory import activation_bytes, state_bytes
 from gigajax.train.loop import build_training
 
+BACKENDS = ("gpu", "tpu", "cpu")
 
-def plan(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, Any]:
-    """The predicted per-device memory and per-step communication of `cfg` on `devices`."""
+
+def plan(cfg: ml_collections.ConfigDict, devices: int, backend: str = "gpu") -> dict[str, Any]:
+    """The predicted per-device memory and per-step communication of `cfg` on `devices` of
+    `backend` (gpu, tpu or cpu: a MoE model's grouped matmul is dense on XLA:CPU)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: plan for one of {', '.join(BACKENDS)}.")
     check_layout(cfg, mesh_shape(cfg.mesh, devices))  # a ConfigError naming what does not split
     sizes = mesh_axis_sizes(cfg.mesh, devices, cfg.attention)
     state = state_bytes(cfg, sizes)
-    acts = activation_bytes(cfg, sizes)
+    acts = activation_bytes(cfg, sizes, backend)
     total = (state["params"] + state["grads"] + state["optimizer"] + acts["layers"] + acts["head"]
              + acts["gathered"])
-    return {"mesh": sizes, "param_count": param_count(ModelConfig.from_config(cfg)),
+    return {"mesh": sizes, "backend": backend,
+            "param_count": param_count(ModelConfig.from_config(cfg)),
             "bytes": {**state, "activations": acts["layers"] + acts["head"],
                       "activations_per_layer": acts["per_layer"],
                       "gathered_weights": acts["gathered"]},
@@ -60,7 +66,7 @@ def format_plan(result: dict[str, Any]) -> str:
             ("total per device", result["predicted_bytes_per_device"])]
     count = result["param_count"]
     count = f"{count / 1e9:.3f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
-    lines = [f"{count} parameters on mesh {mesh}", "memory per device"]
+    lines = [f"{count} parameters on mesh {mesh} ({result['backend']})", "memory per device"]
     lines += [f"  {name:<28}{format_bytes(value):>12}" for name, value in rows]
     if "compiled" in result:
         c = result["compiled"]
