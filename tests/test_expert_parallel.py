@@ -194,6 +194,25 @@ def test_the_planner_counts_the_all_to_all_and_splits_the_expert_state():
     assert ep["bytes"]["activations"] > replicated["bytes"]["activations"]  # E rows per token
 
 
+@pytest.mark.slow(seconds=20)
+def test_advise_tries_the_expert_axis_for_a_moe_model_only():
+    """`plan --advise` ranks expert layouts beside the dense ones for a MoE model (degrees that
+    divide its experts; the all-to-all's time charged to the `expert` link), none for a dense
+    model."""
+    from gigajax.plan.advise import advise, expert_degrees
+
+    assert expert_degrees(8, 16) == [1, 2, 4, 8] and expert_degrees(6, 8) == [1, 2]
+    assert expert_degrees(0, 8) == [1]
+    rows = advise(load_config(TINY_MOE, ["--config.data.batch_size=16"]), 8, 2.0**60)["layouts"]
+    by_expert = {}
+    for row in rows:
+        by_expert.setdefault(row["mesh"]["expert"], []).append(row)
+    assert sorted(by_expert) == [1, 2, 4, 8]
+    assert all(r["seconds"]["expert"] > 0 for e, group in by_expert.items() if e > 1
+               for r in group)
+    assert all("--config.mesh.expert=8" in r["flags"] for r in by_expert[8])
+
+
 EP_COMPILED = ["expert=8", "expert=4,data=2", "expert=2,fsdp=2,tensor=2"]
 
 

@@ -1,12 +1,13 @@
 """Layout advice: every mesh layout of a config on N devices, ranked by the planner's numbers.
 
-`advise` enumerates data x fsdp x tensor x sequence (ring or Ulysses) factorisations of the
-device count, with tensor parallelism kept inside a node and Megatron-SP on with it, under each
-remat policy; plans each (`plan.plan`), drops those that do not split or do not fit in
-`max_memory`, and ranks the rest by an estimated step time: the step's FLOPs (with remat's
-recomputation) at the peak rate, plus each axis's bytes at its link's bandwidth (tensor inside a
-node, the rest across nodes), with no overlap assumed. It is a model for ranking, not a
-prediction of wall time.
+`advise` enumerates data x fsdp x expert x tensor x sequence (ring or Ulysses) factorisations of
+the device count (`expert` for a mixture of experts only, in degrees that divide its experts),
+with tensor parallelism kept inside a node and Megatron-SP on with it, under each remat policy;
+plans each (`plan.plan`), drops those that do not split or do not fit in `max_memory`, and
+ranks the rest by an estimated step time: the step's FLOPs (with remat's recomputation) at the
+peak rate, plus each axis's bytes at its link's bandwidth (tensor inside a node, the rest
+across nodes), with no overlap assumed. It is a model for ranking, not a prediction of wall
+time.
 
 `tp_sp_crossover` finds the context length at which sequence parallelism starts to send fewer
 bytes than tensor parallelism over the same devices, for the attention block and the MLP block
@@ -43,7 +44,8 @@ RECOMPUTE = {"none": (0.0, 0.0), "dots": (0.0, 1 / 3), "minimal": (1 / 3, 0.0),
              "full": (1 / 3, 1 / 3)}
 # the mesh axes each traffic key of `plan.comm_bytes` crosses
 TRAFFIC_AXES = {"fsdp": ("fsdp",), "data+sequence": ("data", "sequence", "ulysses"),
-                "tensor": ("tensor",), "sequence": ("sequence",), "ulysses": ("ulysses",)}
+                "tensor": ("tensor",), "sequence": ("sequence",), "ulysses": ("ulysses",),
+                "expert": ("expert",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +66,33 @@ def divisors(n: int) -> list[int]:
 def candidate_configs(cfg: ml_collections.ConfigDict, devices: int, hardware: Hardware):
     """(name, config) for every layout and remat policy of `cfg` on `devices` devices."""
     for tensor in (t for t in divisors(devices) if t <= hardware.node_size):
-        rest = devices // tensor
-        for sequence in divisors(rest):
-            for fsdp in divisors(rest // sequence):
-                data = rest // sequence // fsdp
-                sp_impls = ("ring", "ulysses") if sequence > 1 else (cfg.attention.sp_impl,)
-                for sp_impl, remat in itertools.product(sp_impls, REMATS):
-                    c = ml_collections.ConfigDict(cfg.to_dict())
-                    c.mesh.update(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor)
-                    c.attention.update(sp_impl=sp_impl, ulysses_degree=1)
-                    c.sharding.megatron_sp = tensor > 1
-                    c.model.remat = remat
-                    parts = [f"{a}={n}" for a, n in c.mesh.items() if n > 1]
-                    if sequence > 1:
-                        parts.append(sp_impl)
-                    yield ",".join(parts or ["1 device"]) + f" remat={remat}", c
+        for expert in expert_degrees(cfg.model.moe.n_routed_experts, devices // tensor):
+            yield from _split_tokens(cfg, devices // tensor // expert, tensor, expert)
+
+
+def expert_degrees(n_experts: int, devices: int) -> list[int]:
+    """The `expert` sizes to try: divisors of `devices` that divide the experts (1 alone for a
+    dense model)."""
+    return [e for e in divisors(devices) if n_experts % e == 0] if n_experts else [1]
+
+
+def _split_tokens(cfg: ml_collections.ConfigDict, rest: int, tensor: int, expert: int):
+    """The candidates splitting the other `rest` devices over sequence x fsdp x data."""
+    for sequence in divisors(rest):
+        for fsdp in divisors(rest // sequence):
+            data = rest // sequence // fsdp
+            sp_impls = ("ring", "ulysses") if sequence > 1 else (cfg.attention.sp_impl,)
+            for sp_impl, remat in itertools.product(sp_impls, REMATS):
+                c = ml_collections.ConfigDict(cfg.to_dict())
+                c.mesh.update(data=data, fsdp=fsdp, expert=expert, sequence=sequence,
+                              tensor=tensor)
+                c.attention.update(sp_impl=sp_impl, ulysses_degree=1)
+                c.sharding.megatron_sp = tensor > 1
+                c.model.remat = remat
+                parts = [f"{a}={n}" for a, n in c.mesh.items() if n > 1]
+                if sequence > 1:
+                    parts.append(sp_impl)
+                yield ",".join(parts or ["1 device"]) + f" remat={remat}", c
 
 
 def inside_a_node(axes: tuple[str, ...], sizes: dict[str, int], node_size: int) -> bool:
