@@ -371,13 +371,15 @@ def plan(config: ConfigLike, devices: int | None = None, *, compile: bool = Fals
     return result
 
 
-def advise(config: ConfigLike, devices: int | None = None, max_memory: str | float = "80GB"
-           ) -> dict[str, Any]:
-    """Every layout of `devices` planned and ranked by estimated step time among those that
-    fit `max_memory` per device ('80GB', '24GiB' or bytes); the config's own layout marked."""
+def advise(config: ConfigLike, devices: int | None = None, max_memory: str | float = "80GB",
+           backend: str = "gpu") -> dict[str, Any]:
+    """Every layout of `devices` planned for `backend` and ranked by estimated step time among
+    those that fit `max_memory` per device ('80GB', '24GiB' or bytes); the config's own
+    layout marked."""
     cfg = _config(config)
     budget = _advise.parse_bytes(max_memory) if isinstance(max_memory, str) else max_memory
-    return _advise.advise(cfg, _device_count(cfg, devices), float(budget))
+    return _advise.advise(cfg, _device_count(cfg, devices), float(budget),
+                          backend=backend)
 
 
 def _device_count(cfg: ml_collections.ConfigDict, devices: int | None) -> int:

@@ -197,8 +197,8 @@ def test_the_planner_counts_the_all_to_all_and_splits_the_expert_state():
 @pytest.mark.slow(seconds=20)
 def test_advise_tries_the_expert_axis_for_a_moe_model_only():
     """`plan --advise` ranks expert layouts beside the dense ones for a MoE model (degrees that
-    divide its experts; the all-to-all's time charged to the `expert` link), none for a dense
-    model."""
+    divide its experts; the all-to-all's time charged to the `expert` link); a dense model's
+    only degree is 1."""
     from gigajax.plan.advise import advise, expert_degrees
 
     assert expert_degrees(8, 16) == [1, 2, 4, 8] and expert_degrees(6, 8) == [1, 2]

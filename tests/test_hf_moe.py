@@ -69,13 +69,17 @@ def test_the_moe_configs_import_as_gigajax_moe_models():
                                         "score")} == {
         "n_routed_experts": 4, "top_k": 2, "expert_mlp_dim": 64, "first_dense_layers": 0,
         "n_shared_experts": 0, "renormalize": True, "score": "softmax"}
-    assert mixtral.moe.aux_loss_weight == hf_config("mixtral")["router_aux_loss_coef"]
+    # transformers' balance loss is top_k (2) when balanced, ours 1: twice the coefficient
+    assert mixtral.moe.aux_loss_weight == 2 * hf_config("mixtral")["router_aux_loss_coef"]
     qwen = from_hf_config(hf_config("qwen3_moe")).model
     assert (qwen.mlp_dim, qwen.qk_norm, qwen.head_dim) == (128, True, 16)
     assert (qwen.moe.n_routed_experts, qwen.moe.expert_mlp_dim, qwen.moe.first_dense_layers,
             qwen.moe.renormalize) == (8, 32, 1, True)
     off = {**hf_config("qwen3_moe"), "norm_topk_prob": False}
     assert from_hf_config(off).model.moe.renormalize is False
+    windowed = {**hf_config("qwen3_moe"), "use_sliding_window": True, "sliding_window": 16}
+    assert from_hf_config(windowed).model.sliding_window == 16  # every layer, as transformers
+    assert from_hf_config({**windowed, "use_sliding_window": False}).model.sliding_window == 0
 
 
 def test_the_converted_moe_counts_parameters_without_the_routing_bias(tmp_path):

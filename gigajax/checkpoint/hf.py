@@ -32,12 +32,12 @@ from gigajax.config import ModelConfig
 from gigajax.config.hf import from_hf_config, hf_family, read_hf_config
 from gigajax.data.tokenizer import Tokenizer, get_tokenizer
 from gigajax.errors import ConfigError, GigajaxError
+from gigajax.model.moe import ROUTING_BIAS
 
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
                 "F16": np.dtype(np.float16)}
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers older checkpoints saved; recomputed here
-ROUTING_BIAS = "routing_bias"  # model/moe.py's RoutingBias, under moe_blocks/mlp
 
 
 @dataclasses.dataclass(frozen=True)

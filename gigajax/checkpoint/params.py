@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gigajax.checkpoint.hf import ROUTING_BIAS, hf_model_config, hf_params
+from gigajax.checkpoint.hf import hf_model_config, hf_params
 from gigajax.checkpoint.manager import (
     ALLOW_UNVERIFIED,
     CorruptCheckpoint,
@@ -45,6 +45,7 @@ from gigajax.config import ModelConfig, config_from_dict
 from gigajax.config.hf import is_hf_dir
 from gigajax.errors import GigajaxError
 from gigajax.model import lora
+from gigajax.model.moe import ROUTING_BIAS
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 FORMAT = "gigajax-params-v1"

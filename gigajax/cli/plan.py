@@ -24,7 +24,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
         if args.compile:
             raise GigajaxError("--advise plans hundreds of layouts from formulas and compiles "
                                "none: run --compile on the layout you pick.")
-        advice = api.advise(cfg, args.devices, args.max_memory)
+        advice = api.advise(cfg, args.devices, args.max_memory, args.backend or "gpu")
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, args.top))
         return 0
     result = api.plan(cfg, args.devices, compile=args.compile, backend=args.backend)

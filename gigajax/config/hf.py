@@ -11,7 +11,7 @@ name (`ignore`) after checking that it changes nothing. RoPE settings are read f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +171,8 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json",
     return cfg
 
 
-def _read_moe(hf: Mapping[str, Any], m: ml_collections.ConfigDict, family: str, value,
-              refuse) -> None:
+def _read_moe(hf: Mapping[str, Any], m: ml_collections.ConfigDict, family: str,
+              value: Callable[..., Any], refuse: Callable[[str, str], None]) -> None:
     """model.moe of a Mixtral or Qwen3-MoE config: softmax routing over the experts, top-k,
     no shared experts; Qwen3-MoE's dense layers (`mlp_only_layers`) must be the first ones."""
     if "num_experts" in hf and "num_local_experts" in hf and (
@@ -183,11 +183,14 @@ def _read_moe(hf: Mapping[str, Any], m: ml_collections.ConfigDict, family: str, 
     if hf.get("router_jitter_noise"):
         refuse("router_jitter_noise", "gigajax's router has no input jitter; set it to 0.0")
     moe = m.moe
-    moe.update(n_routed_experts=experts, top_k=value("num_experts_per_tok"), n_shared_experts=0,
-               score="softmax", aux_loss_weight=value("router_aux_loss_coef", float, 0.001),
-               z_loss_weight=0.0)
-    if moe.top_k > experts:
+    top_k = value("num_experts_per_tok")
+    if top_k > experts:
         refuse("num_experts_per_tok", f"a token picks at most the {experts} experts there are")
+    # transformers' balance loss is top_k when balanced, gigajax's 1: the same objective
+    # takes top_k times the coefficient
+    moe.update(n_routed_experts=experts, top_k=top_k, n_shared_experts=0, score="softmax",
+               aux_loss_weight=top_k * value("router_aux_loss_coef", float, 0.001),
+               z_loss_weight=0.0)
     if family == "mixtral":  # every layer sparse; intermediate_size is each expert's width
         moe.update(expert_mlp_dim=m.mlp_dim, renormalize=True, first_dense_layers=0)
         return
@@ -208,7 +211,9 @@ def _sliding_window(hf: Mapping[str, Any], family: str, refuse) -> int:
     window = int(hf.get("sliding_window") or 0)
     if family in ("mistral", "mixtral"):
         return window
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
+    if family == "qwen3_moe":  # transformers windows every layer when use_sliding_window
+        return window if hf.get("use_sliding_window") else 0
+    if family in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types") or []
         if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
             if layer_types and set(layer_types) == {"sliding_attention"}:
@@ -331,7 +336,7 @@ def to_hf_config(cfg: ml_collections.ConfigDict, dtype: str,
     if moe:
         hf.update(num_local_experts=m.moe.n_routed_experts,
                   num_experts_per_tok=m.moe.top_k,
-                  router_aux_loss_coef=float(m.moe.aux_loss_weight),
+                  router_aux_loss_coef=float(m.moe.aux_loss_weight) / m.moe.top_k,
                   output_router_logits=False)
     if family == "mixtral":
         hf.update(intermediate_size=m.moe.expert_mlp_dim or m.mlp_dim, router_jitter_noise=0.0)

@@ -14,6 +14,7 @@ from flax import nnx
 from gigajax.config import ModelConfig
 from gigajax.model.decoder import Decoder
 from gigajax.model.lora import is_adapter
+from gigajax.model.moe import ROUTING_BIAS
 from gigajax.parallel.shardings import abstract_model, logical_specs
 
 
@@ -61,7 +62,7 @@ def weights(cfg: ModelConfig) -> tuple[Weight, ...]:
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of the decoder (not the MoE routing bias: state the train step sets, not a
     weight; the planner counts its bytes)."""
-    return sum(w.size for w in weights(cfg) if not w.path.endswith("routing_bias"))
+    return sum(w.size for w in weights(cfg) if not w.path.endswith(ROUTING_BIAS))
 
 
 def adapter_params(cfg: ModelConfig) -> int:

@@ -23,6 +23,8 @@ from gigajax.ops import moe_dispatch
 from gigajax.parallel.moe import experts_on_mesh
 from gigajax.parallel.shardings import param
 
+ROUTING_BIAS = "routing_bias"  # MoE's attribute: checkpoints and the train step find it by name
+
 
 class RoutingBias(nnx.Variable):
     """Per-expert routing bias [X]: moves the top-k choice only, updated outside the gradient
@@ -53,8 +55,9 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, init, (X, D, F), ("expert", "embed", "mlp"))
         self.w_up = param(rngs, init, (X, D, F), ("expert", "embed", "mlp"))
         self.w_down = param(rngs, out_init, (X, F, D), ("expert", "mlp", "embed"))
+        # replicated (X floats); the attribute is named ROUTING_BIAS
         self.routing_bias = RoutingBias(jnp.zeros((X,), jnp.float32), out_sharding=(None,),
-                                        eager_sharding=False)  # replicated: X floats
+                                        eager_sharding=False)
         self.shared = (SwiGLU(dataclasses.replace(cfg, mlp_dim=moe.n_shared_experts * F),
                               rngs=rngs) if moe.n_shared_experts else None)
 

@@ -147,8 +147,8 @@ def config_flags(cfg: ml_collections.ConfigDict, devices: int) -> str:
 
 
 def _row(name: str, c: ml_collections.ConfigDict, devices: int, max_memory: float,
-         hardware: Hardware) -> dict[str, Any]:
-    result = plan(c, devices)  # ConfigError when the layout does not split
+         hardware: Hardware, backend: str) -> dict[str, Any]:
+    result = plan(c, devices, backend)  # ConfigError when the layout does not split
     seconds = step_seconds(c, devices, result, hardware)
     return {"layout": name, "mesh": dict(c.mesh), "sp_impl": c.attention.sp_impl,
             "remat": c.model.remat, "flags": config_flags(c, devices),
@@ -159,15 +159,16 @@ def _row(name: str, c: ml_collections.ConfigDict, devices: int, max_memory: floa
 
 
 def advise(cfg: ml_collections.ConfigDict, devices: int, max_memory: float,
-           hardware: Hardware = Hardware()) -> dict[str, Any]:
-    """Every candidate layout planned; fitting ones ranked by estimated step time. The config's
-    own layout is marked `current` (and planned too when it is not a candidate), and
-    `current_rank` says where it ranks (None, with `current_error`, when it does not split)."""
+           hardware: Hardware = Hardware(), backend: str = "gpu") -> dict[str, Any]:
+    """Every candidate layout planned for `backend`; fitting ones ranked by estimated step
+    time. The config's own layout is marked `current` (and planned too when it is not a
+    candidate), and `current_rank` says where it ranks (None, with `current_error`, when it
+    does not split)."""
     rows, rejected = [], {}
     own = layout_key(cfg, devices) if _splits(cfg, devices) else None
     for name, c in candidate_configs(cfg, devices, hardware):
         try:
-            rows.append(_row(name, c, devices, max_memory, hardware))
+            rows.append(_row(name, c, devices, max_memory, hardware, backend))
         except ConfigError as error:
             rejected[name] = str(error)
             continue
@@ -176,7 +177,8 @@ def advise(cfg: ml_collections.ConfigDict, devices: int, max_memory: float,
         f"its mesh {dict(cfg.mesh)} does not fit {devices} devices")
     if own is not None and not any(r["current"] for r in rows):
         try:
-            rows.append({**_row("the config's own layout", cfg, devices, max_memory, hardware),
+            rows.append({**_row("the config's own layout", cfg, devices, max_memory, hardware,
+                                backend),
                          "current": True})
         except ConfigError as error:
             current_error = str(error)

@@ -74,6 +74,9 @@ def format_plan(result: dict[str, Any]) -> str:
         lines.append(f"  {'XLA compiled, per device':<28}{format_bytes(c['total']):>12}"
                      f"   (predicted / compiled = {ratio:.2f}; temp {format_bytes(c['temp'])}, "
                      f"arguments {format_bytes(c['arguments'])})")
+        if c.get("backend", result["backend"]) != result["backend"]:
+            lines.append(f"  note: compiled for {c['backend']}, planned for "
+                         f"{result['backend']}: the ratio compares two backends")
     lines.append("sent per device per step")
     lines += [f"  {axis:<28}{format_bytes(value):>12}"
               for axis, value in result["comm_bytes_per_step"].items()] or ["  (none)"]
@@ -102,7 +105,7 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices: int) -> dict[str, i
         training = build_training(cfg, mesh)
         compiled = training.train_step.lower(training.state.abstract,
                                              abstract_batch(cfg, mesh)).compile()
-    return memory_of(compiled)
+    return {**memory_of(compiled), "backend": jax.default_backend()}
 
 
 def memory_of(compiled: jax.stages.Compiled) -> dict[str, int]:

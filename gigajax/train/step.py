@@ -33,7 +33,7 @@ from flax import nnx
 
 from gigajax.config import MoEConfig
 from gigajax.model.lora import combine, trainable_and_frozen
-from gigajax.model.moe import MoEStats
+from gigajax.model.moe import ROUTING_BIAS, MoEStats
 from gigajax.ops import moe_dispatch
 from gigajax.ops.loss import chunked_cross_entropy_sums
 from gigajax.parallel.rules import DATA_PARALLEL, Rules
@@ -91,7 +91,7 @@ def moe_objective(stats: MoEStats, moe: MoEConfig, count: jax.Array
 
 def is_routing_bias(path: tuple) -> bool:
     """Whether a state path is a MoE layer's routing bias (`model.moe.RoutingBias`)."""
-    return any(getattr(key, "key", getattr(key, "name", None)) == "routing_bias" for key in path)
+    return any(getattr(key, "key", getattr(key, "name", None)) == ROUTING_BIAS for key in path)
 
 
 def split_microbatches(batch: Batch, microbatches: int) -> Batch:
