@@ -72,19 +72,23 @@ def test_imported_logits_equal_transformers_under_sequence_parallel_layouts(name
     assert np.abs(logits[:, 32:] - expected[:, 32:]).max() <= LOGIT_ATOL
 
 
-def test_a_wrong_tensor_mapping_fails_the_parity_test(monkeypatch):
-    """Control: the same test with k and v swapped (same shapes) is far outside tolerance."""
-    tokens, expected = reference("llama")
-    table = hf.tensor_table
+def swapped_table(table, a: tuple[str, ...], b: tuple[str, ...]):
+    """`table` with the HF names of our parameters `a` and `b` exchanged (a wrong mapping)."""
 
     def swapped(cfg):
         rows = table(cfg)
         names = {r.ours: r.hf for r in rows}
-        k, v = ("blocks", "attn", "wk"), ("blocks", "attn", "wv")
-        return [dataclasses.replace(r, hf=names[v] if r.ours == k else names[k]
-                                    if r.ours == v else r.hf) for r in rows]
+        return [dataclasses.replace(r, hf=names[b] if r.ours == a else names[a]
+                                    if r.ours == b else r.hf) for r in rows]
 
-    monkeypatch.setattr(hf, "tensor_table", swapped)
+    return swapped
+
+
+def test_a_wrong_tensor_mapping_fails_the_parity_test(monkeypatch):
+    """Control: the same test with k and v swapped (same shapes) is far outside tolerance."""
+    tokens, expected = reference("llama")
+    monkeypatch.setattr(hf, "tensor_table", swapped_table(
+        hf.tensor_table, ("blocks", "attn", "wk"), ("blocks", "attn", "wv")))
     lm = gigajax.load(FIXTURES / "llama", "model.dtype=float32")
     assert np.abs(lm.logits(tokens) - expected).max() > 1e-2
 

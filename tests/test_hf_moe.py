@@ -3,11 +3,10 @@ committed fixtures' logits (test_hf.py checks them on one device, with the round
 inputs) under expert-parallel layouts, a control that a wrong expert mapping fails, the config
 each imports as, and the models that cannot be exported refused by name."""
 
-import dataclasses
 
 import numpy as np
 import pytest
-from test_hf import FIXTURES, FP32, LOGIT_ATOL, hf_config, reference
+from test_hf import FIXTURES, FP32, LOGIT_ATOL, hf_config, reference, swapped_table
 
 import gigajax
 from gigajax.checkpoint import hf
@@ -37,15 +36,8 @@ def test_a_wrong_expert_mapping_fails_the_parity_test(monkeypatch):
     tolerance, as are the experts read one index off."""
     tokens, expected = reference("mixtral")
     table = hf.tensor_table
-
-    def swapped(cfg):
-        rows = table(cfg)
-        names = {r.ours: r.hf for r in rows}
-        gate, up = ("moe_blocks", "mlp", "w_gate"), ("moe_blocks", "mlp", "w_up")
-        return [dataclasses.replace(r, hf=names[up] if r.ours == gate else names[gate]
-                                    if r.ours == up else r.hf) for r in rows]
-
-    monkeypatch.setattr(hf, "tensor_table", swapped)
+    monkeypatch.setattr(hf, "tensor_table", swapped_table(
+        table, ("moe_blocks", "mlp", "w_gate"), ("moe_blocks", "mlp", "w_up")))
     lm = gigajax.load(FIXTURES / "mixtral", "model.dtype=float32")
     assert np.abs(lm.logits(tokens) - expected).max() > 1e-2
 

@@ -14,6 +14,7 @@ after each read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -346,12 +347,15 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tupl
                               ", trained by model.moe.bias_update_rate > 0): Mixtral and "
                               "Qwen3-MoE route without one, so the export would pick other "
                               "experts. Cannot export.")
+    def make(spec: Tensor, ours: Any, position: tuple[int, ...]) -> np.ndarray:
+        # one HF tensor's slice, read only now (an HFTensor takes slices only)
+        part = ours[tuple(slice(k, k + 1) for k in position)][(0,) * len(position)]
+        return spec.to_hf(np.asarray(part, dtype))
+
     for spec in tensor_table(cfg):
         ours = _leaf(params, spec.ours)
         for name, position in spec.names():
-            # one HF tensor's slice (an HFTensor takes slices only)
-            part = ours[tuple(slice(k, k + 1) for k in position)][(0,) * len(position)]
-            yield name, (lambda s=spec, p=part: s.to_hf(np.asarray(p, dtype)))
+            yield name, functools.partial(make, spec, ours, position)
 
 
 def _umask() -> int:
